@@ -1,0 +1,71 @@
+"""The one place where medreg calls ``grid_sample`` / ``affine_grid``.
+
+Convention:
+    * ``norm_points`` are ``(N, *P, dim)`` normalized coordinates ordered (x, y[, z]) under
+      :data:`~medreg.core.axes.ALIGN_CORNERS`.
+    * ``theta`` matrices map *output* normalized coordinates to *input* normalized coordinates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medreg.core.axes import ALIGN_CORNERS
+from medreg.core.grid import Grid
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+
+def sample(tensor: torch.Tensor, norm_points: torch.Tensor, *, mode: str = "linear",
+           padding: str = "zeros") -> torch.Tensor:
+    """Sample ``(N, C, *S)`` at ``(N, *P, dim)`` normalized points -> ``(N, C, *P)``.
+
+    ``P`` may have any number of axes; they are flattened into grid_sample's layout.
+    """
+    n, dim = norm_points.shape[0], norm_points.shape[-1]
+    spatial = tensor.ndim - 2
+    if dim != spatial:
+        raise ValueError(f"{dim}-D points cannot sample a {spatial}-D image")
+    pshape = norm_points.shape[1:-1]
+    pts = norm_points
+    if len(pshape) != spatial:
+        pts = norm_points.reshape(n, -1, *([1] * (spatial - 1)), dim)
+    out = F.grid_sample(tensor, pts.to(tensor.dtype), mode=_MODES[mode], padding_mode=padding,
+                        align_corners=ALIGN_CORNERS)
+    return out.reshape(n, tensor.shape[1], *pshape)
+
+
+def theta_between(out_grid: Grid, in_grid: Grid, world_matrix: np.ndarray | torch.Tensor,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``(dim, dim+1)`` theta for ``affine_grid``: output norm -> world -> T -> input norm.
+
+    Args:
+        world_matrix: ``(dim+1, dim+1)`` fixed-world -> moving-world matrix (may carry grad).
+    """
+    m = torch.as_tensor(world_matrix)
+    dev = m.device
+    wfn = torch.as_tensor(out_grid.world_from_norm, dtype=m.dtype, device=dev)
+    nfw = torch.as_tensor(in_grid.norm_from_world, dtype=m.dtype, device=dev)
+    return (nfw @ m @ wfn)[:-1].to(dtype)
+
+
+def affine_norm_grid(theta: torch.Tensor, grid: Grid, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, *grid.shape, dim)`` normalized sampling points for an affine ``theta``."""
+    size = (1, 1, *grid.shape)
+    return F.affine_grid(theta[None].to(dtype), list(size), align_corners=ALIGN_CORNERS)
+
+
+def world_to_norm(points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``(..., dim)`` world LPS mm -> normalized coordinates of ``grid``."""
+    m = torch.as_tensor(grid.norm_from_world, dtype=points.dtype, device=points.device)
+    return points @ m[:-1, :-1].T + m[:-1, -1]
+
+
+def inside_fov(norm_points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Boolean ``(...)``: point lies in the voxel extent ``[-0.5, size - 0.5]`` (ITK's rule)."""
+    m = torch.as_tensor(grid.index_from_norm, dtype=norm_points.dtype, device=norm_points.device)
+    idx = norm_points @ m[:-1, :-1].T + m[:-1, -1]
+    size = torch.as_tensor(grid.size, dtype=idx.dtype, device=idx.device)
+    return ((idx >= -0.5 - 1e-6) & (idx <= size - 0.5 + 1e-6)).all(dim=-1)
