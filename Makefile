@@ -28,3 +28,14 @@ lint: install-test
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# Benchmarks against peer tools (not part of the tests): `make bench-env` once, then the
+# commands in docs/benchmarks.md.
+BENCH := .venv-bench
+bench-env:
+	$(PY) -m venv $(BENCH)
+	$(BENCH)/bin/pip install -q --upgrade pip
+	$(BENCH)/bin/pip install -q $(TORCH)
+	$(BENCH)/bin/pip install -q -e . -r benchmarks/requirements-peers.txt
+	$(BENCH)/bin/pip install -q --no-deps diffdrr
+	$(BENCH)/bin/pip install -q $$($(BENCH)/bin/python benchmarks/diffdrr_deps.py)

@@ -1,0 +1,1 @@
+"""Registration pipelines: stages, methods, initializers and the high-level API."""
