@@ -1,0 +1,173 @@
+"""Image similarity metrics as pure functions. Every function returns a *loss*: lower is better.
+
+Shapes:
+    ``fixed``, ``warped``: ``(N, C, *P)`` where ``*P`` is a spatial shape or a flat list of
+    sampled points; ``mask``: ``(N, 1, *P)`` weights in [0, 1] (or ``None`` = all ones).
+    ``lncc`` needs a spatial layout (``*P`` = ``([D,] H, W)``).
+
+Masked averages use the mask as weights; an empty mask raises ``MedregError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from medreg.errors import MedregError
+
+_EPS = 1e-8
+
+
+def _weights(fixed: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 1, *P)`` weights and their ``(N, 1)`` sums; checks the mask is not empty."""
+    if mask is None:
+        w = torch.ones_like(fixed[:, :1])
+    else:
+        w = mask.to(fixed.dtype)
+        if w.shape[2:] != fixed.shape[2:]:
+            raise MedregError(f"mask shape {tuple(w.shape)} does not match image {tuple(fixed.shape)}")
+    total = w.flatten(2).sum(-1)
+    if bool((total <= 0).any()):
+        raise MedregError("the mask (or the overlap of the images) is empty: no voxel to compare")
+    return w, total
+
+
+def _wmean(x: torch.Tensor, w: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over points: ``(N, C, *P)`` -> ``(N, C)``."""
+    return (x * w).flatten(2).sum(-1) / total
+
+
+def mse(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference (SSD / number of voxels)."""
+    w, total = _weights(fixed, mask)
+    return _wmean((fixed - warped) ** 2, w, total).mean()
+
+
+def l1(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute difference."""
+    w, total = _weights(fixed, mask)
+    return _wmean((fixed - warped).abs(), w, total).mean()
+
+
+def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 - NCC``: global normalized cross-correlation (0 for a perfect linear match)."""
+    w, total = _weights(fixed, mask)
+    fm = _wmean(fixed, w, total)
+    wm = _wmean(warped, w, total)
+    shape = fm.shape + (1,) * (fixed.ndim - 2)
+    fc, wc = fixed - fm.reshape(shape), warped - wm.reshape(shape)
+    cov = _wmean(fc * wc, w, total)
+    var_f = _wmean(fc * fc, w, total)
+    var_w = _wmean(wc * wc, w, total)
+    return (1.0 - cov / torch.sqrt(var_f * var_w + _EPS)).mean()
+
+
+def box_filter(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """Local mean over a ``window`` (voxels per tensor spatial axis, odd) of ``(N, C, *S)``.
+
+    Separable: one 1D average pass per axis; zero padding with exact border counts.
+    """
+    ndim = x.ndim - 2
+    out = x
+    ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
+    count = ones
+    for axis, k in enumerate(window):
+        if k <= 1:
+            continue
+        kshape = [1] * ndim
+        kshape[axis] = k
+        kernel = torch.ones((1, 1, *kshape), dtype=x.dtype, device=x.device)
+        pad = [0] * ndim
+        pad[axis] = k // 2
+        conv = F.conv3d if ndim == 3 else F.conv2d
+        c = out.shape[1]
+        out = conv(out, kernel.expand(c, 1, *kshape), padding=tuple(pad), groups=c)
+        count = conv(count, kernel, padding=tuple(pad))
+    return out / count
+
+
+def lncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+         window: Sequence[int] | int = 9) -> torch.Tensor:
+    """``1 - mean(local CC^2)`` over windows of ``window`` voxels (per tensor axis, odd).
+
+    Squared local correlation as in ANTs' CC metric: invariant to local affine intensity
+    changes, including inverted contrast.
+    """
+    ndim = fixed.ndim - 2
+    win = (window,) * ndim if isinstance(window, int) else tuple(window)
+    if len(win) != ndim or any(k < 1 or k % 2 == 0 for k in win):
+        raise MedregError(f"LNCC window must be {ndim} odd positive sizes, got {window}")
+    w, total = _weights(fixed, mask)
+    mu_f, mu_w = box_filter(fixed, win), box_filter(warped, win)
+    var_f = box_filter(fixed * fixed, win) - mu_f**2
+    var_w = box_filter(warped * warped, win) - mu_w**2
+    cov = box_filter(fixed * warped, win) - mu_f * mu_w
+    cc2 = cov * cov / (var_f.clamp_min(0) * var_w.clamp_min(0) + 1e-5)
+    return (1.0 - _wmean(cc2, w, total)).mean()
+
+
+def _bspline3(u: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline kernel (support [-2, 2]) evaluated element-wise."""
+    a = u.abs()
+    inner = (4.0 - 6.0 * a**2 + 3.0 * a**3) / 6.0
+    outer = (2.0 - a).clamp_min(0) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, outer)
+
+
+def _parzen(values: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
+    """``(N, n)`` intensities -> ``(N, n, bins)`` cubic B-spline Parzen weights (sum to 1)."""
+    pad = 2
+    scale = (bins - 1 - 2 * pad) / max(hi - lo, 1e-12)
+    pos = (values.clamp(lo, hi) - lo) * scale + pad
+    centres = torch.arange(bins, dtype=values.dtype, device=values.device)
+    return _bspline3(pos[..., None] - centres)
+
+
+def joint_histogram(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+                    bins: int = 32, fixed_range: tuple[float, float] | None = None,
+                    moving_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Parzen-window joint probability (Mattes): ``(N, bins, bins)``, rows = fixed bins.
+
+    Uses the first channel. Intensity ranges default to each input's min/max (detached);
+    pass fixed ranges during an optimization so the binning does not move.
+    """
+    if bins < 8:
+        raise MedregError(f"mutual information needs at least 8 bins, got {bins}")
+    w, total = _weights(fixed, mask)
+    f = fixed[:, 0].flatten(1)
+    m = warped[:, 0].flatten(1)
+    wt = w[:, 0].flatten(1)
+    fr = fixed_range or (float(f.min()), float(f.max()))
+    mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
+    pf = _parzen(f, bins, *fr) * wt[..., None]
+    pm = _parzen(m, bins, *mr)
+    joint = pf.transpose(1, 2) @ pm
+    return joint / total[:, :, None]
+
+
+def _entropies(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = joint.clamp_min(_EPS)
+    pf = joint.sum(2).clamp_min(_EPS)
+    pm = joint.sum(1).clamp_min(_EPS)
+    h_fm = -(joint * p.log()).sum((1, 2))
+    h_f = -(pf * pf.log()).sum(1)
+    h_m = -(pm * pm.log()).sum(1)
+    return h_f, h_m, h_fm
+
+
+def mi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+       bins: int = 32, fixed_range=None, moving_range=None) -> torch.Tensor:
+    """``-MI`` (nats), Mattes-style Parzen estimate with cubic B-spline windows."""
+    h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
+                                                moving_range))
+    return -(h_f + h_m - h_fm).mean()
+
+
+def nmi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+        bins: int = 32, fixed_range=None, moving_range=None) -> torch.Tensor:
+    """``-NMI`` with ``NMI = (H(F) + H(M)) / H(F, M)`` in [1, 2] (Studholme)."""
+    h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
+                                                moving_range))
+    return -((h_f + h_m) / h_fm).mean()

@@ -1,0 +1,102 @@
+"""Metrics: closed-form values, invariances, masks and float64 gradient checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medreg.errors import MedregError
+from medreg.metrics import functional as Fm
+from medreg.metrics import get_metric
+
+
+def _pair(shape=(1, 1, 9, 10, 11), dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    f = torch.rand(shape, generator=g, dtype=dtype)
+    m = torch.rand(shape, generator=g, dtype=dtype)
+    return f, m
+
+
+def test_mse_l1_closed_form():
+    f = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])
+    m = torch.tensor([[[1.0, 1.0, 0.0, 3.0]]])
+    assert float(Fm.mse(f, m)) == pytest.approx((1 + 0 + 4 + 0) / 4)
+    assert float(Fm.l1(f, m)) == pytest.approx((1 + 0 + 2 + 0) / 4)
+    mask = torch.tensor([[[1.0, 1.0, 0.0, 1.0]]])
+    assert float(Fm.mse(f, m, mask)) == pytest.approx(1 / 3)
+
+
+def test_ncc_invariant_to_linear_intensity_change():
+    f, _ = _pair()
+    assert float(Fm.ncc(f, 3.0 * f + 7.0)) == pytest.approx(0.0, abs=1e-5)
+    assert float(Fm.ncc(f, -f)) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_lncc_perfect_and_local_affine_invariance():
+    f, _ = _pair()
+    ramp = torch.linspace(1, 2, 11, dtype=torch.float64)
+    assert float(Fm.lncc(f, f, window=5)) == pytest.approx(0.0, abs=5e-3)
+    # globally non-linear but locally almost affine: still near-perfect
+    assert float(Fm.lncc(f, f * ramp + ramp, window=3)) < 0.05
+    f2, m2 = _pair()
+    assert float(Fm.lncc(f2, m2, window=5)) > 0.5
+
+
+def test_box_filter_matches_direct_mean():
+    x = torch.rand(1, 1, 7, 8, dtype=torch.float64)
+    out = Fm.box_filter(x, (3, 3))
+    assert float(out[0, 0, 3, 4]) == pytest.approx(float(x[0, 0, 2:5, 3:6].mean()))
+    assert float(out[0, 0, 0, 0]) == pytest.approx(float(x[0, 0, 0:2, 0:2].mean()))
+
+
+def test_mi_of_independent_and_identical():
+    f, m = _pair((1, 1, 40000))
+    assert float(-Fm.mi(f, m)) == pytest.approx(0.0, abs=0.02)
+    h_self = -Fm.mi(f, f)
+    assert float(h_self) > 1.5  # roughly the entropy of a 32-bin uniform histogram
+    # MI is invariant to a non-monotonic (bijective on bins) remap
+    remap = torch.where(f < 0.5, 1.0 - f, f)
+    assert float(-Fm.mi(f, remap)) > 0.5 * float(h_self)
+    # NMI lies in [1, 2]; the Parzen blur keeps identical images below 2
+    assert 1.0 <= float(-Fm.nmi(f, m)) < 1.05 < 1.3 < float(-Fm.nmi(f, f)) <= 2.0
+
+
+def test_joint_histogram_is_a_distribution():
+    f, m = _pair((2, 1, 1000))
+    joint = Fm.joint_histogram(f, m, bins=16)
+    assert joint.shape == (2, 16, 16)
+    torch.testing.assert_close(joint.sum((1, 2)), torch.ones(2, dtype=torch.float64))
+    assert float(joint.min()) >= 0
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "ncc", "mi", "nmi"])
+def test_empty_mask_is_a_clear_error(name):
+    f, m = _pair()
+    with pytest.raises(MedregError, match="empty"):
+        get_metric(name)(f, m, torch.zeros_like(f))
+
+
+@pytest.mark.parametrize("name,opts", [("mse", {}), ("ncc", {}), ("lncc", {"window": 3}),
+                                       ("mi", {"bins": 12, "fixed_range": (0.0, 1.0),
+                                               "moving_range": (0.0, 1.0)}),
+                                       ("nmi", {"bins": 12, "fixed_range": (0.0, 1.0),
+                                                "moving_range": (0.0, 1.0)})])
+def test_gradcheck_float64(name, opts):
+    f, m = _pair((1, 1, 5, 6, 4))
+    m = (0.8 * m + 0.1).requires_grad_(True)
+    mask = (torch.rand_like(f) > 0.2).double()
+    metric = get_metric(name, **opts)
+    assert torch.autograd.gradcheck(lambda w: metric(f, w, mask), (m,), eps=1e-6, atol=1e-5)
+
+
+def test_unknown_metric_lists_choices():
+    with pytest.raises(ValueError, match="choose from"):
+        get_metric("cosine-similarity")
+
+
+def test_mi_parzen_matches_entropy_of_known_two_level_image():
+    f = torch.cat([torch.zeros(5000), torch.ones(5000)]).reshape(1, 1, -1).double()
+    # two equally likely intensities, moving identical: MI = H = ln 2 (up to Parzen blur)
+    assert float(-Fm.mi(f, f, bins=32)) == pytest.approx(math.log(2), rel=0.1)
