@@ -36,7 +36,7 @@ def test_ncc_invariant_to_linear_intensity_change():
 
 def test_lncc_perfect_and_local_affine_invariance():
     f, _ = _pair()
-    ramp = torch.linspace(1, 2, 11, dtype=torch.float64)
+    ramp = torch.linspace(1, 1.3, 11, dtype=torch.float64)
     assert float(Fm.lncc(f, f, window=5)) == pytest.approx(0.0, abs=5e-3)
     # globally non-linear but locally almost affine: still near-perfect
     assert float(Fm.lncc(f, f * ramp + ramp, window=3)) < 0.05
