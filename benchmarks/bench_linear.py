@@ -175,10 +175,22 @@ def _record_time(t0: float) -> None:
     _TIMES.append(time.perf_counter() - t0)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB) from ``/proc/self/status`` ``VmHWM``.
+
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: Linux keeps it across ``execve``, so a
+    child forked from a large parent would report the parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def child_main(peer: str, case: Path, out: Path) -> int:
     """Run one peer on one case; write matrix, seconds and peak RSS to ``out`` (JSON)."""
     matrix = RUNNERS[peer](case)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss_mb = peak_rss_mb()
     out.write_text(json.dumps(dict(matrix=np.asarray(matrix).tolist(), seconds=_TIMES[-1],
                                    peak_rss_mb=rss_mb)))
     return 0

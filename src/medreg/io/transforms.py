@@ -17,6 +17,9 @@ Hooks for deformable transforms (implemented in :mod:`medreg.io.fields`, importe
       SimpleITK ``DisplacementFieldTransform`` or ``BSplineTransform`` into a medreg transform.
     * ``medreg.io.fields.transform_to_sitk(transform: Transform) -> sitk.Transform`` does the
       reverse for non-linear medreg transforms.
+    * ``medreg.io.fields.read_field_transform(path) -> Transform`` reads a displacement-field
+      image (ITK convention, e.g. ``field.nii.gz``) as a transform; :func:`load_transform`
+      calls it for image suffixes.
 """
 
 from __future__ import annotations
@@ -160,6 +163,20 @@ def read_transform(path: str | os.PathLike) -> Transform:
                       first[-1].strip() if first else "")
         raise InputFileError(f"cannot read transform {p}: {detail}") from exc
     return transform_from_sitk(tx)
+
+
+def load_transform(path: str | os.PathLike) -> Transform:
+    """Any transform medreg can apply: an ITK transform file or a displacement-field image.
+
+    Transform-file suffixes go to :func:`read_transform`; image suffixes (``.nii``,
+    ``.nii.gz``, ``.mha``, ``.nrrd``, ...) to ``medreg.io.fields.read_field_transform``.
+    """
+    p = Path(path)
+    if is_transform_path(p):
+        return read_transform(p)
+    if not p.exists():
+        raise InputFileError(f"transform file not found: {p}")
+    return _fields_hook("read_field_transform", f"displacement field {p.name}")(p)
 
 
 def transform_from_sitk(tx: sitk.Transform) -> Transform:
