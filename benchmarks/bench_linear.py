@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 THREADS = "2"
-PEERS = ("medreg-mi", "medreg-ncc", "simpleitk", "elastix", "ants", "dipy")
+PEERS = ("medreg-mi", "medreg-mi-ra", "medreg-ncc", "simpleitk", "elastix", "ants", "dipy")
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -159,12 +159,18 @@ def run_medreg_mi(case: Path) -> np.ndarray:
     return _run_medreg(case, "mi", "affine")
 
 
+def run_medreg_mi_ra(case: Path) -> np.ndarray:
+    """medreg, Mattes MI, two stages ``rigid,affine``."""
+    return _run_medreg(case, "mi", "rigid,affine")
+
+
 def run_medreg_ncc(case: Path) -> np.ndarray:
     """medreg, NCC, affine stage (mono-modal cases only)."""
     return _run_medreg(case, "ncc", "affine")
 
 
-RUNNERS = {"medreg-mi": run_medreg_mi, "medreg-ncc": run_medreg_ncc,
+RUNNERS = {"medreg-mi": run_medreg_mi, "medreg-mi-ra": run_medreg_mi_ra,
+           "medreg-ncc": run_medreg_ncc,
            "simpleitk": run_simpleitk, "elastix": run_elastix, "ants": run_ants,
            "dipy": run_dipy}
 
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(argv[1], Path(argv[2]), Path(argv[3]))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=["mono-2mm", "multi-2mm"],
-                   choices=["mono-2mm", "multi-2mm", "mono-1mm", "multi-1mm"])
+                   choices=["mono-2mm", "multi-2mm", "mono-1mm", "multi-1mm", "clean-2mm"])
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per peer run")
     p.add_argument("--workdir", default="/tmp/medreg-bench-linear",

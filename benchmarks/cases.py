@@ -64,6 +64,8 @@ CASES = {
     "multi-2mm": CaseSpec("multi-2mm", 2.0, "multi"),
     "mono-1mm": CaseSpec("mono-1mm", 1.0, "mono"),
     "multi-1mm": CaseSpec("multi-1mm", 1.0, "multi"),
+    # diagnostic: the same affine without noise or bias field (the accuracy floor of the case)
+    "clean-2mm": CaseSpec("clean-2mm", 2.0, "mono", noise=0.0, bias=0.0),
 }
 
 
