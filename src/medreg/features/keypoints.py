@@ -20,7 +20,7 @@ import numpy as np
 from medreg.core.image import Image
 from medreg.errors import MedregError
 from medreg.features.landmarks import fit_linear
-from medreg.features.preprocess import scalar_image, to_uint8
+from medreg.features.preprocess import clahe, scalar_image, to_uint8
 from medreg.transforms.base import Transform
 from medreg.transforms.homography import Homography
 
@@ -67,7 +67,7 @@ def _make_detector(name: str, max_features: int):
 
 
 def detect(image: Image, detector: str = "sift", *, max_features: int = 4000,
-           mask: Image | None = None) -> Features:
+           mask: Image | None = None, contrast: str = "clahe") -> Features:
     """Detect keypoints and descriptors on a 2D image.
 
     Args:
@@ -75,12 +75,18 @@ def detect(image: Image, detector: str = "sift", *, max_features: int = 4000,
         detector: ``sift``, ``orb`` or ``akaze``.
         max_features: upper bound on keypoints (SIFT/ORB).
         mask: optional ``(1, H, W)`` mask on the same grid; keypoints only inside.
+        contrast: ``clahe`` (adaptive equalization before detection, default) or ``window``
+            (the 0.5-99.5 percentile window only).
 
     Returns:
         :class:`Features` with pixel and world positions.
     """
     scalar = scalar_image(image)
+    if contrast not in ("clahe", "window"):
+        raise MedregError(f"unknown contrast mode {contrast!r}; choose from clahe, window")
     u8 = to_uint8(scalar, mask=mask)
+    if contrast == "clahe":
+        u8 = clahe(u8)
     cv_mask = None
     if mask is not None:
         cv_mask = (scalar_image(mask).tensor[0].numpy() != 0).astype(np.uint8) * 255
@@ -209,7 +215,7 @@ def register_keypoints(fixed: Image, moving: Image, *, detector: str = "sift",
                        method: str | None = None, threshold_px: float = 3.0,
                        min_inliers: int | None = None, max_features: int = 4000,
                        fixed_mask: Image | None = None, moving_mask: Image | None = None,
-                       seed: int = 0) -> KeypointRegistration:
+                       contrast: str = "clahe", seed: int = 0) -> KeypointRegistration:
     """Keypoint registration of two 2D images into a world-space transform.
 
     Args:
@@ -219,6 +225,7 @@ def register_keypoints(fixed: Image, moving: Image, *, detector: str = "sift",
         method: robust estimator (see :func:`fit_model`); threshold_px: inlier threshold in
             fixed-image pixels.
         min_inliers: fewest inliers accepted (default ``max(6, 2 * minimal sample)``).
+        contrast: preparation before detection (see :func:`detect`).
 
     Returns:
         :class:`KeypointRegistration`.
@@ -229,8 +236,8 @@ def register_keypoints(fixed: Image, moving: Image, *, detector: str = "sift",
     if model not in KEYPOINT_MODELS:
         raise MedregError(f"unknown keypoint model {model!r}; choose from "
                           f"{', '.join(KEYPOINT_MODELS)}")
-    f = detect(fixed, detector, max_features=max_features, mask=fixed_mask)
-    m = detect(moving, detector, max_features=max_features, mask=moving_mask)
+    f = detect(fixed, detector, max_features=max_features, mask=fixed_mask, contrast=contrast)
+    m = detect(moving, detector, max_features=max_features, mask=moving_mask, contrast=contrast)
     pairs = match(f, m, ratio=ratio, cross_check=cross_check)
     need = max(6, 2 * MINIMAL_SAMPLE[model]) if min_inliers is None else int(min_inliers)
     if len(pairs) < need:
