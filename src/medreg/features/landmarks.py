@@ -265,14 +265,17 @@ class IcpResult:
 
 
 def icp(fixed, moving, *, model: str = "rigid", init: LinearTransform | np.ndarray | None = None,
-        max_iterations: int = 100, tolerance: float = 1e-6,
-        trim: float = 1.0) -> IcpResult:
+        max_iterations: int = 100, tolerance: float = 1e-6, trim: float = 1.0,
+        principal_axes: bool = True) -> IcpResult:
     """Iterative closest point between unpaired point sets (surfaces).
 
     Args:
         fixed: ``(n, dim)`` fixed points; moving: ``(k, dim)`` moving points (any counts).
         model: ``rigid``, ``similarity`` or ``affine``.
-        init: starting fixed->moving transform or matrix (default: centroid alignment).
+        init: starting fixed->moving transform or matrix. Without one, ICP starts from the
+            centroid alignment and, with ``principal_axes``, also from every proper alignment
+            of the principal axes, keeping the run with the lowest final RMS (point-to-point
+            ICP alone often stalls in a local minimum on real anatomy).
         trim: fraction of closest pairs kept per iteration (``< 1`` rejects outliers, as in
             trimmed ICP).
 
@@ -294,8 +297,18 @@ def icp(fixed, moving, *, model: str = "rigid", init: LinearTransform | np.ndarr
     if len(f) < need or len(m) < need:
         raise MedregError(f"ICP needs at least {need} points in each set, got {len(f)} fixed "
                           f"and {len(m)} moving")
-    mat = _icp_start(f, m, init)
     tree = cKDTree(m)
+    starts = [_icp_start(f, m, init)]
+    if init is None and principal_axes:
+        starts += _principal_starts(f, m)
+    runs = [_icp_run(f, m, tree, s, model, need, max_iterations, tolerance, trim) for s in starts]
+    mat, history, converged = min(runs, key=lambda r: r[1][-1])
+    radius = max(float(np.linalg.norm(f - f.mean(0), axis=1).max()), 1.0)
+    t = linear_from_matrix(model, mat, center=f.mean(0), radius=radius)
+    return IcpResult(t, history[-1], len(history), converged, history)
+
+
+def _icp_run(f, m, tree, mat, model, need, max_iterations, tolerance, trim):
     history: list[float] = []
     converged = False
     for _ in range(max_iterations):
@@ -308,9 +321,23 @@ def icp(fixed, moving, *, model: str = "rigid", init: LinearTransform | np.ndarr
         if len(history) > 1 and abs(history[-2] - history[-1]) < tolerance:
             converged = True
             break
-    radius = max(float(np.linalg.norm(f - f.mean(0), axis=1).max()), 1.0)
-    t = linear_from_matrix(model, mat, center=f.mean(0), radius=radius)
-    return IcpResult(t, history[-1], len(history), converged, history)
+    return mat, history, converged
+
+
+def _principal_starts(f: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+    """Matrices aligning centroids and principal axes, one per proper choice of axis signs."""
+    d = f.shape[1]
+    ef = np.linalg.eigh(np.cov((f - f.mean(0)).T))[1]
+    em = np.linalg.eigh(np.cov((m - m.mean(0)).T))[1]
+    out = []
+    for signs in np.array(np.meshgrid(*[[1.0, -1.0]] * d)).reshape(d, -1).T:
+        r = em @ np.diag(signs) @ ef.T
+        if np.linalg.det(r) < 0:
+            continue
+        mat = np.eye(d + 1)
+        mat[:d, :d], mat[:d, d] = r, m.mean(0) - r @ f.mean(0)
+        out.append(mat)
+    return out
 
 
 def _icp_start(f: np.ndarray, m: np.ndarray, init) -> np.ndarray:
