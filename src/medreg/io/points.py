@@ -215,8 +215,9 @@ def _csv_text(pts: np.ndarray, labels: list[str]) -> str:
 def _fcsv_text(pts: np.ndarray, labels: list[str]) -> str:
     lines = ["# Markups fiducial file version = 4.11", "# CoordinateSystem = LPS",
              "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"]
-    for i, (lab, (x, y, z)) in enumerate(zip(labels, _pad3(pts), strict=True)):
-        lines.append(f"{i + 1},{x!r},{y!r},{z!r},0,0,0,1,1,1,0,{lab},,")
+    for i, (lab, row) in enumerate(zip(labels, _pad3(pts), strict=True)):
+        x, y, z = (repr(float(v)) for v in row)
+        lines.append(f"{i + 1},{x},{y},{z},0,0,0,1,1,1,0,{lab},,")
     return "\n".join(lines) + "\n"
 
 
