@@ -60,7 +60,7 @@ def attenuation_volume(ct: Image, spacing: float | None = None,
     k = [max(1, int(round(spacing / s))) for s in ct.grid.spacing]  # (x, y, z)
     if k == [1, 1, 1]:
         return Image(mu, ct.grid)
-    size = [n // f for n, f in zip(ct.grid.size, k)]
+    size = [n // f for n, f in zip(ct.grid.size, k, strict=True)]
     if min(size) < 2:
         raise MedregError(f"CT too small to resample to {spacing} mm")
     crop = mu[:, : size[2] * k[2], : size[1] * k[1], : size[0] * k[0]]

@@ -201,7 +201,7 @@ def random_poses(base: np.ndarray, center: np.ndarray, n: int, rng: np.random.Ge
     """``(n, 4, 4)`` poses with uniform rotations ``+-rot_range`` deg and translations (mm)."""
     rots = rng.uniform(-1, 1, (n, 3)) * np.asarray(rot_range)
     trs = rng.uniform(-1, 1, (n, 3)) * np.asarray(trans_range)
-    return np.stack([pose_from_params(base, r, t, center) for r, t in zip(rots, trs)])
+    return np.stack([pose_from_params(base, r, t, center) for r, t in zip(rots, trs, strict=True)])
 
 
 # ----------------------------------------------------------------------------- projection

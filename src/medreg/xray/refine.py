@@ -40,8 +40,14 @@ class Level:
     maxfun: int
 
 
-#: Default pyramid: 1/4 detector on a 5 mm volume, then 1/2 detector on a 2.5 mm volume.
-DEFAULT_LEVELS = (Level(4.0, 5.0, 6.0, 250), Level(2.0, 2.5, 1.5, 120))
+def default_levels(geometry: CArmGeometry) -> tuple[Level, ...]:
+    """Two levels: a ~60 px wide detector on a 5 mm volume, then ~120 px on a 2.5 mm volume.
+
+    For the paper's 240x188 detector this is 1/4 then 1/2 (the 120x94 fast mode).
+    """
+    f1 = max(1.0, geometry.width / 60.0)
+    f2 = max(1.0, geometry.width / 120.0)
+    return (Level(f1, 5.0, 6.0, 250), Level(f2, 2.5, 1.5, 120))
 
 
 @dataclass
@@ -153,7 +159,7 @@ def _adam_level(lv: PyramidLevel, metric, pose0: torch.Tensor, center: torch.Ten
 
 def refine_pose(xray: Image | np.ndarray | torch.Tensor, ct: Image, geometry: CArmGeometry,
                 pose0: np.ndarray, *, metric: str = "ncc", optimizer: str = "bobyqa",
-                levels: Sequence[Level] = DEFAULT_LEVELS, center: np.ndarray | None = None,
+                levels: Sequence[Level] | None = None, center: np.ndarray | None = None,
                 radius: float = 100.0, max_rotation_deg: float = 20.0,
                 max_translation_mm: float = 40.0, progress: bool = False) -> RefineResult:
     """Refine a pose by maximizing the similarity of the X-ray and the DRR.
@@ -180,6 +186,7 @@ def refine_pose(xray: Image | np.ndarray | torch.Tensor, ct: Image, geometry: CA
     c = torch.as_tensor(ct.grid.center() if center is None else np.asarray(center, float))
     bounds = np.array([np.deg2rad(max_rotation_deg) * radius] * 3 + [max_translation_mm] * 3)
     run = _bobyqa_level if optimizer == "bobyqa" else _adam_level
+    levels = default_levels(geometry) if levels is None else levels
     xk, history, evals = np.zeros(6), [], 0
     pyramid = [PyramidLevel(ct, geometry, x, lv) for lv in levels]
     with torch.no_grad():
