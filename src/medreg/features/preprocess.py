@@ -26,7 +26,8 @@ def scalar_image(image: Image) -> Image:
     if g.ndim == 3 and g.size[2] == 1:
         d = g.direction_matrix[:2, :2]
         if np.abs(d.T @ d - np.eye(2)).max() > 1e-3:
-            raise MedregError("single-slice 3D image is oblique out of plane; cannot treat it as 2D")
+            raise MedregError("single-slice 3D image is oblique out of plane; "
+                              "cannot treat it as 2D")
         g = Grid(g.size[:2], g.spacing[:2], g.origin[:2], d)
         t = t[:, 0]
     return Image(t, g)
