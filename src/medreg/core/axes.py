@@ -25,6 +25,14 @@ def shape_from_size(size: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(s) for s in reversed(tuple(size)))
 
 
+def tensor_order(values: Sequence[float]) -> tuple[float, ...]:
+    """Per-axis values given in coordinate order ``(x, y, z)`` -> tensor-axis order ``(z, y, x)``.
+
+    Use it for spacings, sigmas or windows that must follow the tensor's spatial axes.
+    """
+    return tuple(float(v) for v in reversed(tuple(values)))
+
+
 def size_from_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Coordinate-ordered size ``(x, y, z)`` from a tensor spatial shape ``(D, H, W)``."""
     return tuple(int(s) for s in reversed(tuple(shape)))

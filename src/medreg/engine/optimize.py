@@ -1,0 +1,144 @@
+"""The optimizer loop: injected optimizer, convergence tests, history, callbacks, progress.
+
+A *solver* for one level calls :func:`run_optimizer` with a loss closure; the coarse-to-fine
+loop lives elsewhere and passes the solver in (scikit-image's ``_coarse_to_fine`` split).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from medreg.errors import MedregError
+
+OPTIMIZERS = ("adam", "lbfgs", "gd")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """How to optimize one level.
+
+    Attributes:
+        name: ``adam``, ``lbfgs`` or ``gd`` (gradient descent with momentum 0.9).
+        lr: step size in scaled parameter units (~mm for linear transforms).
+        max_iter: iteration limit.
+        tol: convergence when the relative loss improvement over ``patience`` iterations is
+            below ``tol``.
+        patience: window of iterations for the convergence test.
+        gtol: stop when the gradient norm falls below this (0 disables).
+        lr_decay: multiply the step size by this each iteration (Adam/GD).
+    """
+
+    name: str = "adam"
+    lr: float = 0.5
+    max_iter: int = 200
+    tol: float = 1e-5
+    patience: int = 10
+    gtol: float = 0.0
+    lr_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.max_iter < 1 or self.lr <= 0 or self.patience < 1:
+            raise ValueError(f"optimizer needs max_iter >= 1, lr > 0, patience >= 1: {self}")
+
+
+@dataclass
+class OptimizationResult:
+    """History and the recorded reason for stopping."""
+
+    history: list[float] = field(default_factory=list)
+    stop_reason: str = ""
+    iterations: int = 0
+    best_loss: float = math.inf
+
+
+def _make(params: Sequence[torch.Tensor], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.name == "gd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
+    return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20,
+                             line_search_fn="strong_wolfe")
+
+
+def _converged(history: list[float], cfg: OptimizerConfig) -> bool:
+    if len(history) <= cfg.patience:
+        return False
+    old, new = history[-cfg.patience - 1], min(history[-cfg.patience:])
+    return (old - new) <= cfg.tol * max(abs(old), 1e-12)
+
+
+def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor],
+                  config: OptimizerConfig = OptimizerConfig(), *,
+                  callback: Callable[[int, float], None] | None = None,
+                  progress: bool = False, desc: str = "") -> OptimizationResult:
+    """Minimize ``loss_fn()`` over ``params``; the best parameters seen are restored at the end.
+
+    Args:
+        params: leaf tensors with ``requires_grad``.
+        loss_fn: recomputes the scalar loss from the current parameters.
+        callback: ``callback(iteration, loss)`` after every iteration.
+
+    Returns:
+        :class:`OptimizationResult` with the loss history and the stop reason.
+    """
+    params = list(params)
+    opt = _make(params, config)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.lr_decay) \
+        if config.name != "lbfgs" and config.lr_decay != 1.0 else None
+    result = OptimizationResult()
+    best = [p.detach().clone() for p in params]
+    bar = tqdm(total=config.max_iter, desc=desc, disable=not progress, leave=False)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise MedregError(f"the metric became {float(loss)} during optimization "
+                              f"(check for NaN voxels, empty masks or no image overlap)")
+        loss.backward()
+        return loss
+
+    try:
+        for it in range(config.max_iter):
+            loss = float(opt.step(closure).detach())
+            if sched is not None:
+                sched.step()
+            result.history.append(loss)
+            if loss < result.best_loss:
+                result.best_loss = loss
+                best = [p.detach().clone() for p in params]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.5g}")
+            if callback is not None:
+                callback(it, loss)
+            reason = _stop_reason(result.history, params, config)
+            if reason:
+                result.stop_reason = reason
+                break
+        else:
+            result.stop_reason = f"reached the iteration limit ({config.max_iter})"
+    finally:
+        bar.close()
+    with torch.no_grad():
+        for p, b in zip(params, best, strict=True):
+            p.copy_(b)
+    result.iterations = len(result.history)
+    return result
+
+
+def _stop_reason(history: list[float], params: list[torch.Tensor], cfg: OptimizerConfig) -> str:
+    if _converged(history, cfg):
+        return (f"converged: loss improved by less than {cfg.tol:g} (relative) over "
+                f"{cfg.patience} iterations")
+    if cfg.gtol > 0:
+        gnorm = math.sqrt(sum(float((p.grad**2).sum()) for p in params if p.grad is not None))
+        if gnorm < cfg.gtol:
+            return f"converged: gradient norm {gnorm:.3g} < {cfg.gtol:g}"
+    return ""

@@ -1,0 +1,114 @@
+"""The metric as a function of a transform, on one pyramid level.
+
+Convention: ``loss(T) = metric(fixed(x), moving(T(x)))`` over fixed voxel centres ``x`` (world
+LPS mm), restricted to the fixed mask, the moving mask and the moving field of view.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medreg.core.image import Image
+from medreg.core.sampling import inside_fov, sample, world_to_norm
+from medreg.errors import MedregError
+from medreg.metrics import Metric
+from medreg.resample import resample
+from medreg.transforms.base import Transform
+
+
+def _as_float(image: Image) -> Image:
+    return image if image.tensor.is_floating_point() else image.to(torch.float32)
+
+
+def mask_on_grid(mask: Image | None, like: Image) -> torch.Tensor | None:
+    """``(1, *S)`` 0/1 float mask resampled onto ``like``'s grid, or ``None``."""
+    if mask is None:
+        return None
+    m = resample(_as_float(mask), like.grid, interpolation="linear").tensor[:1]
+    return (m > 0.5).to(like.tensor.dtype)
+
+
+#: Loss returned when the transform leaves no overlap between the images.
+NO_OVERLAP_LOSS = 1e12
+
+
+class LevelObjective:
+    """Loss of a transform on one level, on all fixed voxels or on a seeded random subset.
+
+    Args:
+        fixed, moving: float ``(C, *S)`` level images.
+        metric: a :class:`~medreg.metrics.Metric`.
+        fixed_mask, moving_mask: optional masks (any grid; resampled to the level).
+        samples: number of fixed points to use (``None`` = all voxels; ignored for metrics
+            that need the voxel grid, such as LNCC).
+        resample_every_call: draw new random points at every evaluation (stochastic
+            gradients, as elastix's random sampler; use with Adam/GD only).
+        seed: seed of the point sampler.
+        dtype: arithmetic precision (float64 lets line searches resolve tiny improvements).
+    """
+
+    def __init__(self, fixed: Image, moving: Image, metric: Metric, *,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None,
+                 samples: int | None = None, resample_every_call: bool = False,
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        self.fixed, self.moving = fixed.to(dtype), moving.to(dtype)
+        self.metric = metric
+        self.generator = torch.Generator().manual_seed(seed)
+        fmask = mask_on_grid(fixed_mask, self.fixed)
+        self.moving_mask = mask_on_grid(moving_mask, self.moving)
+        if fmask is not None and float(fmask.sum()) == 0:
+            raise MedregError("the fixed mask is empty at this resolution")
+        self.world = self.fixed.grid.world_points(dtype)  # (*S, dim)
+        self.fvals = self.fixed.tensor  # (C, *S)
+        self.fmask = fmask
+        self.use_grid = samples is None or metric.needs_grid or samples >= self.fixed.grid.numel
+        self.samples, self.stochastic = samples, resample_every_call and not self.use_grid
+        self.candidates = None if fmask is None else torch.nonzero(fmask.reshape(-1)).squeeze(1)
+        self._draw()
+        self.ranges = {}
+        if metric.is_histogram:
+            self.ranges = dict(fixed_range=self._range(self.fixed.tensor, fmask),
+                               moving_range=self._range(self.moving.tensor, self.moving_mask))
+
+    @staticmethod
+    def _range(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, float]:
+        vals = t[0][mask[0] > 0] if mask is not None else t[0]
+        return float(vals.min()), float(vals.max())
+
+    def _draw(self) -> None:
+        """Choose the fixed points (all voxels, or a random subset inside the fixed mask)."""
+        if self.use_grid:
+            self.points, self.values, self.weights = self.world, self.fvals, self.fmask
+            return
+        pool = self.candidates if self.candidates is not None else None
+        n_pool = pool.numel() if pool is not None else self.fixed.grid.numel
+        pick = torch.randint(0, n_pool, (min(self.samples, n_pool),), generator=self.generator)
+        idx = pool[pick] if pool is not None else pick
+        dim = self.fixed.ndim
+        self.points = self.world.reshape(-1, dim)[idx]
+        self.values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
+        self.weights = None
+
+    def warped_points(self, transform: Transform) -> torch.Tensor:
+        """Moving-space normalized coordinates of the fixed points, ``(*P, dim)``."""
+        if transform.is_linear:
+            m = torch.as_tensor(self.moving.grid.norm_from_world, dtype=torch.float64)
+            m = (m @ transform.matrix()).to(self.points.dtype)
+            return self.points @ m[:-1, :-1].T + m[:-1, -1]
+        return world_to_norm(transform(self.points), self.moving.grid)
+
+    def __call__(self, transform: Transform) -> torch.Tensor:
+        if self.stochastic:
+            self._draw()
+        norm = self.warped_points(transform)
+        warped = sample(self.moving.batch, norm[None], padding="border")  # (1, C, *P)
+        weight = inside_fov(norm.detach().double(), self.moving.grid).to(warped.dtype)[None, None]
+        if self.moving_mask is not None:
+            mm = sample(self.moving_mask[None].to(norm.dtype), norm.detach()[None], mode="nearest")
+            weight = weight * mm
+        if self.weights is not None:
+            weight = weight * self.weights[None].to(weight.dtype)
+        if float(weight.sum()) == 0:
+            # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
+            return warped.sum() * 0.0 + NO_OVERLAP_LOSS
+        return self.metric(self.values[None], warped, weight, **self.ranges)
