@@ -165,8 +165,25 @@ def fit_model(fixed_pts: np.ndarray, moving_pts: np.ndarray, model: str, *,
         raise MedregError(f"robust {model} fit ({method}) found no consensus among "
                           f"{len(src)} matches")
     if model != "homography" and inliers.sum() >= need:
-        matrix = fit_linear(src[inliers], dst[inliers], model).matrix_numpy()
+        matrix = _refine(src, dst, inliers, model, need)
     return matrix, inliers
+
+
+def _refine(src: np.ndarray, dst: np.ndarray, inliers: np.ndarray, model: str,
+            need: int) -> np.ndarray:
+    """Least-squares refit on the inliers, then once more without gross residuals.
+
+    The second pass drops inliers whose residual exceeds three robust standard deviations
+    (1.4826 MAD), which removes near-threshold matches that RANSAC's hard cut lets in.
+    """
+    matrix = fit_linear(src[inliers], dst[inliers], model).matrix_numpy()
+    res = np.linalg.norm(src @ matrix[:2, :2].T + matrix[:2, 2] - dst, axis=1)[inliers]
+    sigma = 1.4826 * np.median(np.abs(res - np.median(res))) + 1e-12
+    keep = res <= np.median(res) + 3.0 * sigma
+    if keep.sum() >= need and not keep.all():
+        idx = np.flatnonzero(inliers)[keep]
+        matrix = fit_linear(src[idx], dst[idx], model).matrix_numpy()
+    return matrix
 
 
 def _robust(src, dst, model, flag, thr, conf, iters):

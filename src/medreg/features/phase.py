@@ -231,7 +231,7 @@ class RotationScale:
 
 def estimate_rotation_scale(fixed: np.ndarray, moving: np.ndarray, *, n_angles: int = 360,
                             n_radii: int | None = None, window_kind: str = "hann",
-                            upsample: int = 20, power: float = 0.5) -> RotationScale:
+                            upsample: int = 100, power: float = 0.5) -> RotationScale:
     """Rotation and scale between two 2D arrays from their log-polar magnitude spectra.
 
     The angle is found modulo pi (the magnitude spectrum cannot tell ``theta`` from
