@@ -1,0 +1,38 @@
+"""Memory accounting for field optimization: an estimate before the run, the peak after.
+
+Convention: bytes; the peak is the process resident-set high-water mark (``ru_maxrss``), the
+figure that matters on a shared CPU machine, or the CUDA allocator peak on a GPU.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from medreg.core.grid import Grid
+
+
+def estimate_bytes(fixed: Grid, moving: Grid, field: Grid, *, n_fields: int = 1,
+                   steps: int = 6, dtype_bytes: int = 4) -> int:
+    """Rough peak of one finest-level iteration (forward + backward graph).
+
+    Counted: the two images and their warped copies with LNCC box-filter temporaries (~12
+    image-sized tensors), and per field its value, gradient, two Adam moments and the
+    ``steps`` compositions kept for backward (~4 field-sized tensors each), plus the
+    image-grid displacement and sampling grid (2 x dim tensors).
+    """
+    d = fixed.ndim
+    img = 12 * fixed.numel + moving.numel
+    fld = n_fields * d * field.numel * (4 + 4 * steps)
+    up = n_fields * 2 * d * fixed.numel
+    return int((img + fld + up) * dtype_bytes)
+
+
+def peak_bytes(device: str | torch.device = "cpu") -> int:
+    """Peak memory so far: CUDA allocator peak on a GPU, else the process max RSS."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -1,0 +1,141 @@
+"""Similarity losses for deformable and multimodal registration (lower is better).
+
+Convention:
+    * Images are ``(N, C, *S)`` tensors on the same grid; ``mask`` is ``(N, 1, *S)`` (weights in
+      [0, 1]) or ``None``. Window sizes are in voxels of that grid.
+    * Every function returns a scalar loss to minimize.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from medreg.core.axes import tensor_axis
+from medreg.deformable.filters import box_mean
+from medreg.errors import MedregError
+
+
+def _wmean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype).expand_as(x)
+    return (x * m).sum() / m.sum().clamp_min(1e-12)
+
+
+def lncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+         window: int = 5, eps: float = 1e-5) -> torch.Tensor:
+    """Negative local squared NCC over ``window``^dim boxes (separable box filters, ANTs' CC).
+
+    Returns ``-mean(cc^2)`` with ``cc^2 = cov^2 / (var_f var_m + eps)``, in ``[-1, 0]``.
+    """
+    mf, mw = box_mean(fixed, window), box_mean(warped, window)
+    cov = box_mean(fixed * warped, window) - mf * mw
+    vf = (box_mean(fixed * fixed, window) - mf * mf).clamp_min(0)
+    vw = (box_mean(warped * warped, window) - mw * mw).clamp_min(0)
+    return -_wmean(cov * cov / (vf * vw + eps), mask)
+
+
+def mse(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None
+        ) -> torch.Tensor:
+    """Mean squared difference."""
+    return _wmean((fixed - warped) ** 2, mask)
+
+
+def _spatial_gradient(x: torch.Tensor, spacing: tuple[float, ...] | None) -> torch.Tensor:
+    """``(N, C, dim, *S)`` central differences along coordinate axes (x, y[, z])."""
+    nsp = x.ndim - 2
+    sp = spacing or (1.0,) * nsp
+    return torch.stack([torch.gradient(x, spacing=float(sp[a]), dim=2 + tensor_axis(a, nsp))[0]
+                        for a in range(nsp)], dim=2)
+
+
+def ngf(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+        eta: float = 0.1, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Normalized gradient fields: ``mean(1 - <g_f, g_m>^2 / (|g_f|_e^2 |g_m|_e^2))``.
+
+    ``e`` per image is ``eta`` times its mean gradient magnitude (Haber & Modersitzki).
+    """
+    gf, gm = _spatial_gradient(fixed, spacing), _spatial_gradient(warped, spacing)
+    ef = eta * gf.norm(dim=2).mean().detach()
+    em = eta * gm.norm(dim=2).mean().detach()
+    dot = (gf * gm).sum(2)
+    nf = gf.pow(2).sum(2) + ef**2
+    nm = gm.pow(2).sum(2) + em**2
+    return _wmean(1 - dot * dot / (nf * nm), mask)
+
+
+def _shift(x: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
+    """``x(p + offset)`` with replicated borders; ``offset`` in voxels ordered (x, y[, z])."""
+    nsp = x.ndim - 2
+    r = max(abs(o) for o in offset)
+    xp = F.pad(x, [r] * (2 * nsp), mode="replicate")
+    sl = [slice(None), slice(None)] + [slice(None)] * nsp
+    for a, o in enumerate(offset):
+        ax = tensor_axis(a, nsp)
+        sl[2 + ax] = slice(r + o, r + o + x.shape[2 + ax])
+    return xp[tuple(sl)]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptors (Heinrich et al. 2013): ``(N, C, *S)`` -> ``(N, C*K, *S)``.
+
+    ``K`` = 12 (3D) or 4 (2D) self-similarity pairs between the 6- (4-) neighbourhood at
+    distance ``dilation``, patch distances averaged over ``(2 radius + 1)`` boxes,
+    ``exp(-D / V)`` with ``V`` the mean patch distance, scaled so the largest entry is 1.
+    """
+    nsp = image.ndim - 2
+    units = [tuple(s * (i == a) for i in range(nsp)) for a in range(nsp) for s in (-1, 1)]
+    pairs = [(p, q) for p, q in itertools.combinations(units, 2)
+             if sum((a - b) ** 2 for a, b in zip(p, q, strict=True)) == 2]
+    dists = []
+    for p, q in pairs:
+        sp = _shift(image, tuple(dilation * v for v in p))
+        sq = _shift(image, tuple(dilation * v for v in q))
+        dists.append(box_mean((sp - sq) ** 2, 2 * radius + 1))
+    d = torch.cat(dists, dim=1)
+    d = d - d.amin(1, keepdim=True)
+    var = d.mean(1, keepdim=True)
+    var = var.clamp(min=var.mean() * 1e-3 + 1e-12, max=var.mean() * 1e3 + 1e-12)
+    desc = torch.exp(-d / var)
+    return desc / desc.amax(1, keepdim=True)
+
+
+def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+              radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """Mean squared difference of MIND-SSC descriptors (modality independent)."""
+    diff = (mind_ssc(fixed, radius, dilation) - mind_ssc(warped, radius, dilation)) ** 2
+    return _wmean(diff.mean(1, keepdim=True), mask)
+
+
+#: Deformable similarity losses by name: ``loss(fixed, warped, mask)``.
+DEFORMABLE_METRICS: dict[str, Callable[..., torch.Tensor]] = {
+    "lncc": lncc, "cc": lncc, "mse": mse, "ngf": ngf, "mind": mind_loss, "mind-ssc": mind_loss,
+}
+
+#: Metrics usable across modalities (the rest assume the same contrast).
+MULTIMODAL = ("ngf", "mind", "mind-ssc", "mi", "nmi")
+
+
+def get_deformable_metric(name: str, **options) -> Callable[..., torch.Tensor]:
+    """``loss(fixed, warped, mask=None)`` for ``name``; MI/NMI come from :mod:`medreg.metrics`."""
+    key = name.lower()
+    if key in DEFORMABLE_METRICS:
+        fn = DEFORMABLE_METRICS[key]
+        return lambda f, w, mask=None: fn(f, w, mask, **options)
+    try:
+        from medreg.metrics import get_metric
+    except ImportError:
+        get_metric = None
+    if get_metric is not None:
+        try:
+            module = get_metric(key, **options)
+        except (KeyError, ValueError):
+            module = None
+        if module is not None:
+            return lambda f, w, mask=None: module(f, w, mask=mask)
+    raise MedregError(f"unknown deformable metric {name!r}; choose from "
+                      f"{', '.join(sorted(DEFORMABLE_METRICS))}, mi, nmi")

@@ -1,0 +1,171 @@
+"""Stage runners ``bspline``, ``svf`` and ``syn`` for :data:`medreg.registration.plugins.STAGES`.
+
+Contract: ``run(ctx: StageContext, init: Transform | None) -> StageOutput``; the returned
+transform is the full fixed->moving mapping ``Compose(deformable, init)`` (the deformable part
+acts on fixed points first, then ``init``: ANTs' ordering). ``syn`` and ``svf`` also return the
+inverse (moving->fixed).
+
+Options (``ctx.options``; strings such as ``"4,2,1"`` are accepted for tuples):
+    levels, iterations, lr, grad_sigma, field_sigma, field_factor, steps, window (LNCC box,
+    voxels), tol, spacing (B-spline control points, mm), diffusion, bending, elastic, tv,
+    folding, mu, lam (regularizer weights, physical units), metric (overrides ``ctx.metric``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from medreg.deformable.fields import compose_displacements, integrate_velocity, resample_field
+from medreg.deformable.memory import estimate_bytes, peak_bytes
+from medreg.deformable.metrics import get_deformable_metric
+from medreg.deformable.optimize import LevelResult, SolverOptions, coarse_to_fine
+from medreg.deformable.problems import BSplineProblem, SVFProblem, SyNProblem
+from medreg.deformable.pyramid import build_levels
+from medreg.deformable.regularizers import FieldRegularizer, RegularizerWeights
+from medreg.deformable.transforms import BSplineTransform, DisplacementField, StationaryVelocityField
+from medreg.errors import MedregError
+from medreg.registration.plugins import StageContext, StageOutput
+from medreg.transforms.base import Compose, Transform
+
+_COMMON = dict(levels=(4.0, 2.0, 1.0), iterations=(100, 60, 30), tol=1e-4, window=5,
+               diffusion=0.0, bending=0.0, elastic=0.0, tv=0.0, folding=0.0, mu=1.0, lam=1.0,
+               metric=None)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "svf": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
+    "syn": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
+    "bspline": dict(_COMMON, lr=0.05, grad_sigma=0.0, field_sigma=0.0, field_factor=2.0,
+                    steps=0, spacing=8.0, bending=0.0, folding=10.0),
+}
+_TUPLES = {"levels": float, "iterations": int}
+
+
+def _as_tuple(value: Any, cast: type, name: str) -> tuple:
+    if isinstance(value, str):
+        value = value.replace("x", ",").split(",")
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    try:
+        return tuple(cast(v) for v in value if str(v).strip() != "")
+    except (TypeError, ValueError):
+        raise MedregError(f"option {name} must be a list of numbers, got {value!r}") from None
+
+
+def _config(ctx: StageContext, kind: str) -> dict[str, Any]:
+    cfg = dict(DEFAULTS[kind])
+    for key, value in ctx.options.items():
+        if key not in cfg:
+            continue  # options of other stages travel in the same dict
+        if key in _TUPLES:
+            cfg[key] = _as_tuple(value, _TUPLES[key], key)
+        elif key == "spacing":
+            cfg[key] = _as_tuple(value, float, key)
+        elif key == "metric":
+            cfg[key] = value
+        else:
+            try:
+                cfg[key] = type(DEFAULTS[kind][key])(value)
+            except (TypeError, ValueError):
+                raise MedregError(f"option {key} must be a number, got {value!r}") from None
+    if len(cfg["iterations"]) == 1 and len(cfg["levels"]) > 1:
+        cfg["iterations"] = cfg["iterations"] * len(cfg["levels"])
+    return cfg
+
+
+@dataclass
+class _Setup:
+    cfg: dict[str, Any]
+    levels: list
+    metric: Any
+    reg: FieldRegularizer
+    solver: SolverOptions
+    estimate: int
+
+
+def _setup(ctx: StageContext, kind: str, n_fields: int) -> _Setup:
+    cfg = _config(ctx, kind)
+    if ctx.fixed.ndim != ctx.moving.ndim:
+        raise MedregError(f"fixed image is {ctx.fixed.ndim}D but moving is {ctx.moving.ndim}D")
+    name = cfg["metric"] or ctx.metric
+    metric = get_deformable_metric(name, **({"window": cfg["window"]}
+                                            if name.lower() in ("lncc", "cc") else {}))
+    levels = build_levels(ctx.fixed, ctx.moving, cfg["levels"], field_factor=cfg["field_factor"],
+                          mask=ctx.fixed_mask)
+    weights = RegularizerWeights(**{k: cfg[k] for k in ("diffusion", "bending", "elastic", "tv",
+                                                         "folding", "mu", "lam")})
+    solver = SolverOptions(iterations=cfg["iterations"], lr=cfg["lr"],
+                           grad_sigma=cfg["grad_sigma"], field_sigma=cfg["field_sigma"],
+                           tol=cfg["tol"])
+    est = estimate_bytes(levels[-1].grid, levels[-1].moving.grid, levels[-1].field_grid,
+                         n_fields=n_fields, steps=max(cfg["steps"], 1))
+    return _Setup(cfg, levels, metric, FieldRegularizer(weights), solver, est)
+
+
+def _run(ctx: StageContext, setup: _Setup, problem) -> tuple[list[torch.Tensor], dict]:
+    def callback(level: int, it: int, loss: float) -> None:
+        for cb in ctx.callbacks:
+            cb(ctx.stage, level, it, loss)
+
+    torch.manual_seed(ctx.seed)
+    t0 = time.perf_counter()
+    params, results = coarse_to_fine(problem, setup.levels, setup.solver, callback=callback)
+    info = dict(memory_estimate_bytes=setup.estimate, peak_memory_bytes=peak_bytes(ctx.device),
+                seconds=time.perf_counter() - t0, levels=list(setup.cfg["levels"]),
+                level_iterations=[r.iterations for r in results],
+                level_stop_reasons=[r.stop_reason for r in results],
+                metric=setup.cfg["metric"] or ctx.metric)
+    info["_results"] = results
+    return [p.detach() for p in params], info
+
+
+def _output(transform: Transform, inverse: Transform | None, info: dict,
+            init: Transform | None) -> StageOutput:
+    results: list[LevelResult] = info.pop("_results")
+    history = [h for r in results for h in r.history]
+    full = transform if init is None else Compose(transform, init)
+    inv = None
+    if inverse is not None:
+        try:
+            inv = inverse if init is None else Compose(init.inverse(), inverse)
+        except TypeError:
+            inv = None
+    return StageOutput(full, history, results[-1].stop_reason, info, inv)
+
+
+def run_svf_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
+    """Diffeomorphic stationary-velocity-field registration ``T = init o exp(v)``."""
+    setup = _setup(ctx, "svf", 1)
+    problem = SVFProblem(setup.metric, setup.reg, init, setup.cfg["steps"])
+    params, info = _run(ctx, setup, problem)
+    svf = StationaryVelocityField(setup.levels[-1].field_grid, params[0], setup.cfg["steps"])
+    return _output(svf, svf.inverse(), info, init)
+
+
+def run_syn_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
+    """Symmetric (midpoint) diffeomorphic registration; forward and inverse dense fields."""
+    setup = _setup(ctx, "syn", 2)
+    steps = setup.cfg["steps"]
+    problem = SyNProblem(setup.metric, setup.reg, init, steps)
+    (v_f, v_m), info = _run(ctx, setup, problem)
+    fg, grid = setup.levels[-1].field_grid, ctx.fixed.grid
+    with torch.no_grad():
+        flows = [resample_field(integrate_velocity(v, fg, steps), fg, grid)
+                 for v in (-v_f, v_m, -v_m, v_f)]
+        forward = compose_displacements(flows[0], flows[1], grid)  # B o A^-1
+        backward = compose_displacements(flows[2], flows[3], grid)  # A o B^-1
+    info["velocity_grid"] = fg.to_dict()
+    return _output(DisplacementField(grid, forward), DisplacementField(grid, backward), info, init)
+
+
+def run_bspline_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
+    """Cubic B-spline FFD registration ``T = init o (x + B(c)(x))`` (control spacing in mm)."""
+    setup = _setup(ctx, "bspline", 1)
+    spacing = _as_tuple(setup.cfg["spacing"], float, "spacing")
+    bspline = BSplineTransform(ctx.fixed.grid, spacing if len(spacing) > 1 else spacing[0])
+    problem = BSplineProblem(setup.metric, setup.reg, init, bspline)
+    params, info = _run(ctx, setup, problem)
+    info["control_grid"] = bspline.control.to_dict()
+    return _output(bspline, None, info, init)
