@@ -156,3 +156,17 @@ def test_matching_cross_check_is_mutual():
     strict = match(f, m, ratio=0.8, cross_check=True)
     assert 0 < len(strict) < len(loose)
     assert len(np.unique(strict[:, 1])) == len(strict)  # mutual: no moving point used twice
+
+
+def test_mask_limits_keypoints_and_usac_variants_agree():
+    fixed = _slice(BRAIN)
+    keep = torch.zeros(1, *fixed.grid.shape, dtype=torch.uint8)
+    keep[..., : fixed.grid.size[0] // 2] = 1  # left half (small x) only
+    feats = detect(fixed, "sift", mask=Image(keep, fixed.grid))
+    assert len(feats) > 20 and feats.index[:, 0].max() < fixed.grid.size[0] / 2 + 1
+    moving = _slice("BrainProtonDensitySliceR10X13Y17.png")
+    mats = [register_keypoints(fixed, moving, model="homography", method=m).matrix
+            for m in ("magsac", "usac_accurate", "ransac")]
+    corners = np.array([[0, 0, 1], [220, 0, 1], [0, 256, 1], [220, 256, 1.0]]).T
+    proj = [(m @ corners)[:2] / (m @ corners)[2] for m in mats]
+    assert max(np.abs(p - proj[0]).max() for p in proj) < 1.0
