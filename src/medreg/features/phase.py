@@ -89,8 +89,9 @@ def _tukey(n: int, alpha: float) -> np.ndarray:
 
 
 def _spectrum(arr: np.ndarray, win: np.ndarray) -> np.ndarray:
+    """Half (real-input) spectrum of the windowed, mean-free array; complex64."""
     a = np.asarray(arr, dtype=np.float32)
-    return sfft.fftn((a - a.mean()) * win, workers=-1)
+    return sfft.rfftn((a - a.mean()) * win)
 
 
 def cross_power(f_fixed: np.ndarray, f_moving: np.ndarray, power: float = 1.0) -> np.ndarray:
@@ -106,19 +107,31 @@ def cross_power(f_fixed: np.ndarray, f_moving: np.ndarray, power: float = 1.0) -
     return r / np.maximum(mag, 1e-12 * max(float(mag.max()), 1e-30)) ** power
 
 
-def _upsampled_dft(r: np.ndarray, centre: np.ndarray, upsample: int, half: int) -> np.ndarray:
-    """Inverse DFT of ``r`` evaluated on a fine grid around ``centre`` (tensor order).
+def _upsampled_dft(r: np.ndarray, shape: tuple[int, ...], centre: np.ndarray, upsample: int,
+                   half: int) -> np.ndarray:
+    """Real part of the inverse DFT of a half spectrum ``r`` on a fine grid around ``centre``.
 
+    ``r`` is a real-input (``rfftn``) spectrum of an array of ``shape`` (tensor order).
     Samples lie at ``centre + (j - half) / upsample`` for ``j = 0 .. 2 half`` on every axis;
     evaluating only there costs ``O(n * half)`` per axis instead of an ``upsample``-fold FFT.
+    Hermitian symmetry makes the full sum twice the real part of the half sum, except for the
+    self-conjugate columns (zero and, for even sizes, Nyquist frequency) counted once.
     """
     out = r
-    for axis, n in enumerate(r.shape):
+    last = len(shape) - 1
+    for axis, n in enumerate(shape):
         pos = centre[axis] + (np.arange(2 * half + 1) - half) / upsample
-        freq = sfft.fftfreq(n) * n
-        kernel = np.exp(2j * np.pi * np.outer(pos, freq) / n).astype(r.dtype)
+        if axis == last:
+            freq = sfft.rfftfreq(n) * n
+            weight = np.full(freq.size, 2.0)
+            weight[0] = 1.0
+            if n % 2 == 0:
+                weight[-1] = 1.0
+        else:
+            freq, weight = sfft.fftfreq(n) * n, np.ones(n)
+        kernel = (weight * np.exp(2j * np.pi * np.outer(pos, freq) / n)).astype(r.dtype)
         out = np.moveaxis(np.tensordot(kernel, out, axes=([1], [axis])), 0, axis)
-    return out / r.size
+    return out.real / float(np.prod(shape))
 
 
 def _peak(corr: np.ndarray) -> np.ndarray:
@@ -128,21 +141,21 @@ def _peak(corr: np.ndarray) -> np.ndarray:
     return np.where(idx > shape // 2, idx - shape, idx)
 
 
-def correlate_spectra(f_fixed: np.ndarray, f_moving: np.ndarray, upsample: int = 100,
-                      power: float = 1.0) -> PhaseShift:
-    """Phase-correlate two precomputed spectra of the same shape (see :func:`phase_correlate`).
+def correlate_spectra(f_fixed: np.ndarray, f_moving: np.ndarray, shape: tuple[int, ...],
+                      upsample: int = 100, power: float = 1.0) -> PhaseShift:
+    """Phase-correlate two precomputed half spectra (``rfftn``) of arrays of ``shape``.
 
-    The confidence is the peak height of the correlation surface normalized so that a pure
-    circular shift gives 1.
+    See :func:`phase_correlate`. The confidence is the peak height of the correlation surface
+    normalized so that a pure circular shift gives 1.
     """
     r = cross_power(f_fixed, f_moving, power)
     r = r / max(float(np.abs(r).mean()), 1e-30)
-    corr = sfft.ifftn(r, workers=-1).real
+    corr = sfft.irfftn(r, s=shape)
     coarse = _peak(corr)
     peak_value = float(corr.max())
     if upsample > 1:
         half = int(np.ceil(1.5 * upsample / 2))
-        fine = _upsampled_dft(r, coarse, upsample, half).real
+        fine = _upsampled_dft(r, shape, coarse, upsample, half)
         j = np.array(np.unravel_index(int(np.argmax(fine)), fine.shape), dtype=np.float64)
         coarse = coarse + (j - half) / upsample
         peak_value = float(fine.max())
@@ -176,7 +189,7 @@ def phase_correlate(fixed: np.ndarray, moving: np.ndarray, *, window_kind: str =
     if upsample < 1:
         raise MedregError(f"upsample must be >= 1, got {upsample}")
     win = window(f.shape, window_kind)
-    return correlate_spectra(_spectrum(f, win), _spectrum(m, win), upsample)
+    return correlate_spectra(_spectrum(f, win), _spectrum(m, win), f.shape, upsample)
 
 
 # --------------------------------------------------------------------------- rotation and scale
@@ -203,7 +216,7 @@ def log_polar_magnitude(arr: np.ndarray, n_angles: int, n_radii: int, window_kin
         shifted by ``theta`` along the rows and by ``-log(s) / step`` along the columns.
     """
     spec = np.abs(sfft.fftshift(sfft.fft2(
-        (arr - arr.mean()) * window(arr.shape, window_kind), workers=-1)))
+        (arr - arr.mean()) * window(arr.shape, window_kind))))
     spec = spec * _highpass(arr.shape)
     h, w = arr.shape
     if min(h, w) <= 4 * r_min:
@@ -251,8 +264,8 @@ def estimate_rotation_scale(fixed: np.ndarray, moving: np.ndarray, *, n_angles: 
     lp_f, step = log_polar_magnitude(np.asarray(fixed, np.float32), n_angles, n_radii, window_kind)
     lp_m, _ = log_polar_magnitude(np.asarray(moving, np.float32), n_angles, n_radii, window_kind)
     radial = window((n_radii,), "hann")[None]  # the angle axis is periodic: no window there
-    res = correlate_spectra(sfft.fft2(lp_f * radial, workers=-1),
-                            sfft.fft2(lp_m * radial, workers=-1), upsample, power)
+    res = correlate_spectra(sfft.rfft2(lp_f * radial), sfft.rfft2(lp_m * radial), lp_f.shape,
+                            upsample, power)
     d_radius, d_angle = res.shift  # (x = radius column, y = angle row)
     angle = d_angle * np.pi / n_angles
     angle = (angle + np.pi / 2) % np.pi - np.pi / 2
