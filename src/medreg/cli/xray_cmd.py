@@ -123,6 +123,10 @@ def _add_train(sub) -> None:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--time-limit", type=float, default=None, help="stop training after S s")
     p.add_argument("--width", type=int, default=16, help="network width (channels)")
+    p.add_argument("--sigma", type=float, default=1.5, help="heatmap Gaussian sigma (px / 2)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--init-model", help="start from these weights (continue training)")
+    p.add_argument("--seed", type=int, default=0, help="seed of poses, variants and training")
     _common(p)
     add_overwrite(p)
     p.set_defaults(func=run_train)
@@ -134,7 +138,7 @@ def run_train(args) -> int:
     from medreg.io.images import read_image
     from medreg.xray.dataset import isocenter, render_set, training_poses
     from medreg.xray.landmarks import load_landmarks
-    from medreg.xray.network import LandmarkNet, TrainConfig, save_model, train
+    from medreg.xray.network import LandmarkNet, TrainConfig, load_model, save_model, train
     from medreg.xray.variants import make_variant
 
     _threads(args)
@@ -153,19 +157,25 @@ def run_train(args) -> int:
         iso = isocenter(lm) if iso is None else iso
         patients = [(ct, lm)]
         for s in range(args.variants):
-            v = make_variant(ct, seed=100 * k + s)
+            v = make_variant(ct, seed=100 * k + s + 10 * args.seed)
             patients.append((v.ct, v.from_source(lm)))
         for j, (vol, pts) in enumerate(patients):
-            poses = training_poses(pts, geometry, args.poses, seed=1000 * k + j)
+            poses = training_poses(pts, geometry, args.poses, seed=1000 * k + j + 7 * args.seed)
             im, uv = render_set(vol, pts, geometry, poses, progress=True,
                                 desc=f"DRRs CT {k + 1} variant {j}")
             images.append(im)
             uvs.append(uv)
     images, uv = torch.cat(images), torch.cat(uvs)
-    model = LandmarkNet(len(names), args.width)
+    if args.init_model:
+        model, old = load_model(args.init_model)
+        if old["names"] != list(names) or old["geometry"] != geometry.to_dict():
+            raise MedregError(f"{args.init_model} was trained for other landmarks or detector")
+    else:
+        model = LandmarkNet(len(names), args.width)
     meta = {"names": list(names), "geometry": geometry.to_dict(), "isocenter": iso.tolist(),
             "train_images": len(images)}
-    cfg = TrainConfig(epochs=args.epochs, time_limit_s=args.time_limit)
+    cfg = TrainConfig(epochs=args.epochs, time_limit_s=args.time_limit, sigma=args.sigma,
+                      lr=args.lr, seed=args.seed)
     hist = train(model, images, uv, cfg, checkpoint=out, meta=meta)
     meta["history"] = {"val_median_px": hist.val_median_px, "seconds": hist.seconds,
                        "stop": hist.stop}

@@ -26,6 +26,9 @@ from medreg.errors import MedregError
 
 STRIDE = 2
 
+#: Detections whose heatmap peak is below this are treated as "not visible".
+MIN_CONFIDENCE = 0.15
+
 
 def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation,

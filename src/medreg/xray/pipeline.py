@@ -19,7 +19,7 @@ from medreg.core.image import Image
 from medreg.errors import MedregError
 from medreg.xray.geometry import CArmGeometry
 from medreg.xray.landmarks import load_landmarks
-from medreg.xray.network import LandmarkNet, detect, load_model
+from medreg.xray.network import MIN_CONFIDENCE, LandmarkNet, detect, load_model
 from medreg.xray.pnp import solve_pnp
 from medreg.xray.refine import Level, refine_pose, shrink, xray_tensor
 
@@ -65,8 +65,8 @@ class AutoResult:
     uv: np.ndarray | None = None
 
 
-def detect_landmarks(patient: Patient, xray: torch.Tensor, geometry: CArmGeometry,
-                     min_conf: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+def detect_landmarks(patient: Patient, xray: torch.Tensor, geometry: CArmGeometry
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Detections on an ``(1, 1, H, W)`` X-ray -> (``(L, 2)`` uv on ``geometry``, ``(L,)`` conf)."""
     ng = patient.net_geometry
     factor = geometry.width / ng.width
@@ -83,7 +83,7 @@ def detect_landmarks(patient: Patient, xray: torch.Tensor, geometry: CArmGeometr
 
 def register_auto(xray: Image | np.ndarray | torch.Tensor, patient: Patient, ct: Image,
                   geometry: CArmGeometry, *, metric: str = "ncc", optimizer: str = "bobyqa",
-                  levels: tuple[Level, ...] | None = None, min_conf: float = 0.3,
+                  levels: tuple[Level, ...] | None = None, min_conf: float = MIN_CONFIDENCE,
                   refine: bool = True) -> AutoResult:
     """Detect landmarks, PnP with RANSAC, then intensity refinement.
 

@@ -29,7 +29,14 @@ from medreg.errors import MedregError
 from medreg.xray.dataset import render_set, training_poses
 from medreg.xray.geometry import CArmGeometry, backproject, canonical_pose, pose_grid
 from medreg.xray.landmarks import save_landmarks
-from medreg.xray.network import LandmarkNet, TrainConfig, detect, save_model, train
+from medreg.xray.network import (
+    MIN_CONFIDENCE,
+    LandmarkNet,
+    TrainConfig,
+    detect,
+    save_model,
+    train,
+)
 
 BONE_HU = (200.0, 500.0)
 
@@ -98,7 +105,7 @@ def snap_to_surface(points: np.ndarray, surface: np.ndarray, max_mm: float = 20.
 
 
 def triangulate(uv: np.ndarray, conf: np.ndarray, poses: np.ndarray, geometry: CArmGeometry, *,
-                tau: float = 6.0, min_conf: float = 0.3
+                tau: float = 6.0, min_conf: float = MIN_CONFIDENCE
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Phase 2b (before snapping) for all landmarks.
 
@@ -132,7 +139,7 @@ def phase2a_poses(center: np.ndarray, geometry: CArmGeometry, *, n_rz: int = 10,
 
 
 def prepare_patient(ct: Image, model: LandmarkNet, meta: dict, geometry: CArmGeometry,
-                    outdir: Path, *, tau: float = 6.0, min_conf: float = 0.3,
+                    outdir: Path, *, tau: float = 6.0, min_conf: float = MIN_CONFIDENCE,
                     finetune: TrainConfig | None = None, finetune_poses: int = 120,
                     voxel_mm: float = 2.5, ct_path: str | None = None,
                     progress: bool = True) -> RayStats:
