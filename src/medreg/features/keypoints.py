@@ -80,6 +80,10 @@ def detect(image: Image, detector: str = "sift", *, max_features: int = 4000,
 
     Returns:
         :class:`Features` with pixel and world positions.
+
+    Convention:
+        OpenCV keypoint ``(x, y)`` = column, row pixel index (pixel centres at integers), which
+        is medreg's ``(x, y)`` index order; world = ``grid.index_to_world(index)``.
     """
     scalar = scalar_image(image)
     if contrast not in ("clahe", "window"):
@@ -142,6 +146,9 @@ def fit_model(fixed_pts: np.ndarray, moving_pts: np.ndarray, model: str, *,
 
     Returns:
         ``(3, 3)`` float64 fixed-world -> moving-world matrix and a ``(k,)`` bool inlier mask.
+
+    Convention:
+        ``moving_pts[i] ~= M fixed_pts[i]`` (homogeneous; divided by ``w`` for homographies).
     """
     if model not in KEYPOINT_MODELS:
         raise MedregError(f"unknown keypoint model {model!r}; choose from "

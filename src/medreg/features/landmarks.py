@@ -116,7 +116,11 @@ def umeyama(fixed, moving, *, scaling: bool = False,
 
 
 def affine_lstsq(fixed, moving, weights: np.ndarray | None = None) -> np.ndarray:
-    """Least-squares affine ``(dim+1, dim+1)`` matrix with ``A f_i + t ~ m_i``."""
+    """Least-squares affine ``(dim+1, dim+1)`` matrix with ``A f_i + t ~ m_i``.
+
+    Convention:
+        ``(n, dim)`` world points (x, y[, z]); the matrix maps fixed world -> moving world.
+    """
     f, m = np.asarray(fixed, float), np.asarray(moving, float)
     hom = np.hstack([f, np.ones((len(f), 1))])
     if weights is not None:
@@ -138,6 +142,9 @@ def fit_linear(fixed, moving, model: str = "rigid", *, center=None,
 
     Returns:
         medreg linear transform mapping fixed world -> moving world.
+
+    Convention:
+        ``T(fixed[i]) ~= moving[i]`` in LPS mm, least squares over all pairs.
     """
     if model == "tps":
         raise MedregError("use fit_tps for thin-plate splines")
@@ -223,6 +230,10 @@ def fit_tps(fixed, moving, regularization: float = 0.0) -> ThinPlateSpline:
 
     Returns:
         :class:`ThinPlateSpline` (fixed world -> moving world).
+
+    Convention:
+        Centres are the fixed points; ``T(fixed[i]) = moving[i]`` exactly when
+        ``regularization == 0``.
     """
     if not regularization >= 0:
         raise MedregError(f"TPS regularization must be >= 0, got {regularization}")

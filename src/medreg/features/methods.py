@@ -42,7 +42,11 @@ def _kind_of(t: LinearTransform) -> str:
 
 
 def lift_to(transform: Transform, ndim: int) -> Transform:
-    """A 2D linear transform as a 3D one acting as identity along z (for one-slice volumes)."""
+    """A 2D linear transform as a 3D one acting as identity along z (for one-slice volumes).
+
+    Convention:
+        ``[[A, 0, t], [0, 1, 0]]`` in LPS mm: x and y map as in 2D, z is left unchanged.
+    """
     if transform.ndim == ndim:
         return transform
     if not (isinstance(transform, LinearTransform) and transform.ndim == 2 and ndim == 3):
