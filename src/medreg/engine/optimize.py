@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -61,10 +62,61 @@ class OptimizationResult:
 def _make(params: Sequence[torch.Tensor], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
-    if cfg.name == "gd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
-    return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20,
-                             line_search_fn="strong_wolfe")
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
+
+
+def _run_scipy_lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor],
+                     cfg: OptimizerConfig, callback, progress: bool, desc: str
+                     ) -> OptimizationResult:
+    """L-BFGS-B from SciPy on the flattened parameters (float64), gradients from autograd."""
+    from scipy.optimize import minimize
+
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+
+    def assign(x: np.ndarray) -> None:
+        with torch.no_grad():
+            for p, chunk in zip(params, np.split(x, np.cumsum(sizes)[:-1]), strict=True):
+                p.copy_(torch.as_tensor(chunk, dtype=p.dtype).reshape(p.shape))
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        assign(x)
+        for p in params:
+            p.grad = None
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise MedregError(f"the metric became {float(loss)} during optimization "
+                              f"(check for NaN voxels, empty masks or no image overlap)")
+        loss.backward()
+        grad = np.concatenate([(p.grad if p.grad is not None else torch.zeros(s)).detach()
+                               .double().cpu().reshape(-1).numpy()
+                               for p, s in zip(params, shapes, strict=True)])
+        return float(loss.detach()), grad
+
+    result = OptimizationResult()
+    bar = tqdm(total=cfg.max_iter, desc=desc, disable=not progress, leave=False)
+
+    def on_iter(intermediate_result) -> None:
+        loss = float(intermediate_result.fun)
+        result.history.append(loss)
+        bar.update(1)
+        if callback is not None:
+            callback(len(result.history) - 1, loss)
+
+    x0 = np.concatenate([p.detach().double().cpu().reshape(-1).numpy() for p in params])
+    try:
+        res = minimize(fun, x0, jac=True, method="L-BFGS-B", callback=on_iter,
+                       options=dict(maxiter=cfg.max_iter, ftol=cfg.tol, gtol=cfg.gtol or 1e-9,
+                                    maxcor=20))
+    finally:
+        bar.close()
+    assign(res.x)
+    result.best_loss = float(res.fun)
+    result.iterations = int(res.nit)
+    msg = res.message.decode() if isinstance(res.message, bytes) else str(res.message)
+    result.stop_reason = (f"reached the iteration limit ({cfg.max_iter})"
+                          if res.nit >= cfg.max_iter else f"L-BFGS-B: {msg.lower()}")
+    return result
 
 
 def _converged(history: list[float], cfg: OptimizerConfig) -> bool:
@@ -89,6 +141,8 @@ def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Te
         :class:`OptimizationResult` with the loss history and the stop reason.
     """
     params = list(params)
+    if config.name == "lbfgs":
+        return _run_scipy_lbfgs(params, loss_fn, config, callback, progress, desc)
     opt = _make(params, config)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.lr_decay) \
         if config.name != "lbfgs" and config.lr_decay != 1.0 else None

@@ -10,7 +10,6 @@ Convention:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +20,7 @@ import torch
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.errors import InputFileError
+from medreg.io.atomic import atomic_write
 
 #: Flip between RAS (NIfTI) and LPS (ITK, DICOM, medreg) homogeneous coordinates.
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -157,21 +157,17 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
     suffix = _suffix(p)
     if suffix not in _NIBABEL_SUFFIXES + _SITK_SUFFIXES:
         raise InputFileError(f"cannot write {p}: unknown image suffix {suffix!r}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=p.name, dir=p.parent)
-    os.close(fd)
-    try:
+
+    def writer(tmp: str) -> None:
         if suffix in (".nii", ".nii.gz"):
             _write_nifti(image, Path(tmp))
-        else:
-            data = image
-            if suffix in (".png", ".jpg", ".jpeg", ".bmp") and image.ndim == 2:
-                data = image.with_tensor(_to_uint8_or_16(image.tensor))
-            sitk.WriteImage(to_sitk(data), tmp, useCompression=suffix in (".mha", ".nrrd"))
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            return
+        data = image
+        if suffix in (".png", ".jpg", ".jpeg", ".bmp") and image.ndim == 2:
+            data = image.with_tensor(_to_uint8_or_16(image.tensor))
+        sitk.WriteImage(to_sitk(data), tmp, useCompression=suffix in (".mha", ".nrrd"))
+
+    atomic_write(p, writer)
     return p
 
 

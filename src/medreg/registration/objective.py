@@ -44,13 +44,15 @@ class LevelObjective:
         resample_every_call: draw new random points at every evaluation (stochastic
             gradients, as elastix's random sampler; use with Adam/GD only).
         seed: seed of the point sampler.
+        off_grid: sampled points are jittered uniformly inside their voxel (fixed values then
+            interpolated too).
         dtype: arithmetic precision (float64 lets line searches resolve tiny improvements).
     """
 
     def __init__(self, fixed: Image, moving: Image, metric: Metric, *,
                  fixed_mask: Image | None = None, moving_mask: Image | None = None,
                  samples: int | None = None, resample_every_call: bool = False,
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+                 seed: int = 0, dtype: torch.dtype = torch.float32, off_grid: bool = False) -> None:
         self.fixed, self.moving = fixed.to(dtype), moving.to(dtype)
         self.metric = metric
         self.generator = torch.Generator().manual_seed(seed)
@@ -63,6 +65,7 @@ class LevelObjective:
         self.fmask = fmask
         self.use_grid = samples is None or metric.needs_grid or samples >= self.fixed.grid.numel
         self.samples, self.stochastic = samples, resample_every_call and not self.use_grid
+        self.off_grid = off_grid
         self.candidates = None if fmask is None else torch.nonzero(fmask.reshape(-1)).squeeze(1)
         self._draw()
         self.ranges = {}
@@ -86,7 +89,16 @@ class LevelObjective:
         idx = pool[pick] if pool is not None else pick
         dim = self.fixed.ndim
         self.points = self.world.reshape(-1, dim)[idx]
-        self.values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
+        if self.off_grid:
+            # jitter within the voxel so fixed and moving are both interpolated: this removes
+            # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
+            jitter = torch.rand(self.points.shape, generator=self.generator, dtype=self.points.dtype) - 0.5
+            m = torch.as_tensor(self.fixed.grid.world_from_index[:-1, :-1], dtype=self.points.dtype)
+            self.points = self.points + jitter @ m.T
+            norm = world_to_norm(self.points, self.fixed.grid)
+            self.values = sample(self.fixed.batch, norm[None], padding="border")[0]
+        else:
+            self.values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
         self.weights = None
 
     def warped_points(self, transform: Transform) -> torch.Tensor:
