@@ -309,6 +309,8 @@ def _add_evaluate(sub) -> None:
                    help="evaluate an evenly spaced subset of each patient's poses")
     p.add_argument("--metrics", default="ncc", help="comma list of ncc,lncc,gradncc")
     p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--photons", type=float, default=1e6,
+                   help="unattenuated photons per detector pixel of the test X-rays (noise)")
     _common(p)
     add_overwrite(p)
     p.set_defaults(func=run_evaluate)
@@ -321,7 +323,7 @@ def run_evaluate(args) -> int:
     outdir = prepare_outdir(args.output, args.overwrite)
     cfg = EvalConfig(patients=args.patients, rz=args.rz, rx=args.rx, tz=args.tz,
                      max_poses=args.max_poses, metrics=tuple(args.metrics.split(",")),
-                     finetune_epochs=args.finetune_epochs)
+                     finetune_epochs=args.finetune_epochs, photons=args.photons)
     table = run_protocol(args.ct, args.landmarks, args.model, outdir, cfg,
                          geometry_path=args.geometry)
     print(table)

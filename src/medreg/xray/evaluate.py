@@ -76,7 +76,7 @@ class EvalConfig:
     max_poses: int | None = None
     metrics: tuple[str, ...] = ("ncc",)
     finetune_epochs: int = 3
-    photons: float = 2e4
+    photons: float = 1e6
     reference_step: float = 0.5
     reference_supersample: int = 2
 
