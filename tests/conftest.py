@@ -52,8 +52,8 @@ def blob_image(grid, seed: int = 0):
     lo = pts.reshape(-1, grid.ndim).min(0).values
     hi = pts.reshape(-1, grid.ndim).max(0).values
     out = torch.zeros(grid.shape, dtype=torch.float64)
-    width = float((hi - lo).min()) / 5
-    for _ in range(6):
-        c = lo + torch.as_tensor(rng.uniform(0.2, 0.8, grid.ndim)) * (hi - lo)
+    width = float((hi - lo).min()) / 10  # blobs fade out well inside the field of view
+    for _ in range(8):
+        c = lo + torch.as_tensor(rng.uniform(0.3, 0.7, grid.ndim)) * (hi - lo)
         out += rng.uniform(0.5, 1.5) * torch.exp(-((pts - c) ** 2).sum(-1) / (2 * width**2))
     return Image(out[None].float(), grid)

@@ -154,20 +154,20 @@ def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Te
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
         if not torch.isfinite(loss):
-            raise MedregError(f"the metric became {float(loss)} during optimization "
+            raise MedregError(f"the metric became {float(loss.detach())} during optimization "
                               f"(check for NaN voxels, empty masks or no image overlap)")
         loss.backward()
         return loss
 
     try:
         for it in range(config.max_iter):
+            before = [p.detach().clone() for p in params]  # the loss below is evaluated here
             loss = float(opt.step(closure).detach())
             if sched is not None:
                 sched.step()
             result.history.append(loss)
             if loss < result.best_loss:
-                result.best_loss = loss
-                best = [p.detach().clone() for p in params]
+                result.best_loss, best = loss, before
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.5g}")
             if callback is not None:

@@ -29,10 +29,11 @@ class LinearOptions:
 
     Attributes:
         levels: pyramid shrink factors, coarse first.
-        iterations: iteration limit per level.
+        iterations: iteration limit per level, or one for all (default 60 at the coarsest
+            level, then 40, 25 for the finer ones).
         optimizer: ``adam``, ``lbfgs`` or ``gd``, one for all levels or one per level
-            (default: Adam on the coarse levels for robust large moves, L-BFGS on the finest
-            level for a precise, deterministic optimum).
+            (default: Adam on the coarse levels for robust large moves, L-BFGS-B on the
+            finest level for a precise optimum).
         lr: Adam/GD step (mm-equivalent) at the finest level, doubled per coarser level.
         samples: fixed points per level (``None`` = all voxels); levels with fewer voxels use all.
         stochastic: redraw the points every iteration (Adam/GD only).
@@ -43,8 +44,8 @@ class LinearOptions:
     """
 
     levels: tuple[float, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (60, 40, 25)
-    optimizer: str | tuple[str, ...] = ("adam", "adam", "lbfgs")
+    iterations: int | tuple[int, ...] | None = None
+    optimizer: str | tuple[str, ...] | None = None
     lr: float = 0.25
     samples: int | None = 60000
     stochastic: bool = False
@@ -58,13 +59,18 @@ class LinearOptions:
     def from_options(cls, options: dict) -> LinearOptions:
         known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
         opts = cls(**known)
+        n = len(opts.levels)
         iters = opts.iterations
+        if iters is None:
+            iters = (60,) + (40,) * (n - 2) + (25,) if n > 1 else (40,)
         if isinstance(iters, int):
-            iters = (iters,) * len(opts.levels)
+            iters = (iters,) * n
         if len(iters) != len(opts.levels):
             raise MedregError(f"give one iteration count per level: levels {opts.levels}, "
                               f"iterations {iters}")
         optim = opts.optimizer
+        if optim is None:
+            optim = ("adam",) * (n - 1) + ("lbfgs",)
         if isinstance(optim, str):
             optim = (optim,) * len(opts.levels)
         if len(optim) != len(opts.levels):
