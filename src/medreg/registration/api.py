@@ -170,9 +170,11 @@ def register(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike
                        fixed_mask=fmask, moving_mask=mmask, metric=metric.lower(),
                        options={**options, "init": init, "stages": parse_stages(transform)},
                        seed=seed, progress=progress, device=device, callbacks=tuple(callbacks))
+    t_method = time.perf_counter()
     out = resolve(METHODS, method, "method")(ctx)
     stages = out.info.get("stages") or [dict(name=method, history=out.history,
-                                             stop_reason=out.stop_reason, info=out.info)]
+                                             stop_reason=out.stop_reason, info=out.info,
+                                             seconds=time.perf_counter() - t_method)]
     timings = {s["name"]: s.get("seconds", 0.0) for s in stages}
     timings["total"] = time.perf_counter() - t0
     return RegistrationResult(out.transform, fixed_img, moving_img, stages, timings, out.inverse)
