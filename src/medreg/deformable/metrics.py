@@ -80,7 +80,7 @@ def _shift(x: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
     return xp[tuple(sl)]
 
 
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+def mind_ssc_descriptors(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """MIND-SSC descriptors (Heinrich et al. 2013): ``(N, C, *S)`` -> ``(N, C*K, *S)``.
 
     ``K`` = 12 (3D) or 4 (2D) self-similarity pairs between the 6- (4-) neighbourhood at
@@ -104,11 +104,15 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     return desc / desc.amax(1, keepdim=True)
 
 
-def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
-              radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """Mean squared difference of MIND-SSC descriptors (modality independent)."""
-    diff = (mind_ssc(fixed, radius, dilation) - mind_ssc(warped, radius, dilation)) ** 2
+def mind_ssc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+             radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """Mean squared difference of MIND-SSC descriptors (modality independent), in [0, 1]."""
+    diff = (mind_ssc_descriptors(fixed, radius, dilation)
+            - mind_ssc_descriptors(warped, radius, dilation)) ** 2
     return _wmean(diff.mean(1, keepdim=True), mask)
+
+
+mind_loss = mind_ssc
 
 
 #: Deformable similarity losses by name: ``loss(fixed, warped, mask)``.

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "svf": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
     "syn": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
     "bspline": dict(_COMMON, lr=0.05, grad_sigma=0.0, field_sigma=0.0, field_factor=2.0,
-                    steps=0, spacing=8.0, bending=0.0, folding=10.0),
+                    steps=0, spacing=12.0, bending=0.0, folding=10.0),
 }
 _TUPLES = {"levels": float, "iterations": int}
 

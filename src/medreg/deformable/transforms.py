@@ -183,12 +183,19 @@ class BSplineTransform(Transform):
                 for a in range(grid.ndim)]
         return self._bases[grid]
 
-    def displacement_on(self, grid: Grid) -> torch.Tensor:
-        """``(1, dim, *S)`` displacement at the voxel centres of ``grid`` (separable products)."""
+    def displacement_on(self, grid: Grid, coefficients: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """``(1, dim, *S)`` displacement at the voxel centres of ``grid`` (separable products).
+
+        Args:
+            grid: where to evaluate; an identically oriented grid uses per-axis basis matrices.
+            coefficients: optional ``(1, dim, *ctrl.shape)`` to use instead of the parameters.
+        """
+        out = self.coefficients if coefficients is None else coefficients
         if not np.allclose(grid.direction, self.control.direction, atol=1e-6):
-            pts = grid.world_points(self.coefficients.dtype, self.coefficients.device)
-            return vectors_to_channels((self.forward(pts) - pts)[None])
-        out = self.coefficients
+            pts = grid.world_points(out.dtype, out.device)
+            moved = torch.func.functional_call(self, {"coefficients": out}, (pts,))
+            return vectors_to_channels((moved - pts)[None])
         nsp = grid.ndim
         for a, basis in enumerate(self._axis_bases(grid)):
             ax = 2 + tensor_axis(a, nsp)

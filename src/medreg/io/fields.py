@@ -18,13 +18,15 @@ import os
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
 import torch
 
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.deformable.transforms import DisplacementField, dense_from_transform
 from medreg.errors import InputFileError, MedregError
-from medreg.io.images import read_image, write_image
+from medreg.io.images import from_sitk, read_image, to_sitk, write_image
 from medreg.transforms.base import Transform
 
 NIFTI_INTENT_DISPVECT = 1006
@@ -76,3 +78,46 @@ def read_displacement_field(path: str | os.PathLike) -> DisplacementField:
         flip[:2] = -1
         data = data * flip.reshape(-1, *([1] * grid.ndim))
     return DisplacementField(grid, data[None].contiguous())
+
+
+def read_field_transform(path: str | os.PathLike) -> DisplacementField:
+    """Hook for :func:`medreg.io.transforms.load_transform`: a field image as a transform."""
+    return read_displacement_field(path)
+
+
+def transform_from_sitk(tx: sitk.Transform) -> DisplacementField:
+    """medreg transform from a SimpleITK ``DisplacementFieldTransform`` or ``BSplineTransform``.
+
+    Displacement fields are taken as they are; B-spline transforms are sampled (in C++, by
+    ``TransformToDisplacementField``) on their own domain at a quarter of the control spacing.
+    """
+    tx = tx.Downcast()
+    if isinstance(tx, sitk.DisplacementFieldTransform):
+        img = tx.GetDisplacementField()
+    elif isinstance(tx, sitk.BSplineTransform):
+        mesh = np.asarray(tx.GetTransformDomainMeshSize())
+        phys = np.asarray(tx.GetTransformDomainPhysicalDimensions())
+        spacing = phys / (4 * mesh)
+        size = [int(v) for v in np.round(phys / spacing) + 1]
+        img = sitk.TransformToDisplacementField(
+            tx, sitk.sitkVectorFloat64, size, tx.GetTransformDomainOrigin(), spacing.tolist(),
+            tx.GetTransformDomainDirection())
+    else:
+        raise MedregError(f"ITK transform {tx.GetName()} is not a displacement field or B-spline")
+    image = from_sitk(img)
+    return DisplacementField(image.grid, image.tensor[None].float().contiguous())
+
+
+def transform_to_sitk(transform: Transform) -> sitk.DisplacementFieldTransform:
+    """SimpleITK ``DisplacementFieldTransform`` equal to a deformable medreg transform.
+
+    The transform is sampled on its own grid (``transform.grid``: the fixed image grid for
+    fields, velocity fields and B-spline FFDs).
+    """
+    grid = getattr(transform, "grid", None)
+    if grid is None:
+        raise MedregError(f"{type(transform).__name__} has no grid to sample a displacement "
+                          "field on; write it with write_displacement_field(transform, grid)")
+    field = dense_from_transform(transform, grid, torch.float64).field
+    img = to_sitk(Image(field[0], grid))
+    return sitk.DisplacementFieldTransform(sitk.Cast(img, sitk.sitkVectorFloat64))
