@@ -60,8 +60,8 @@ def ngf(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = N
     ``e`` per image is ``eta`` times its mean gradient magnitude (Haber & Modersitzki).
     """
     gf, gm = _spatial_gradient(fixed, spacing), _spatial_gradient(warped, spacing)
-    ef = eta * gf.norm(dim=2).mean().detach()
-    em = eta * gm.norm(dim=2).mean().detach()
+    ef = eta * gf.norm(dim=2).mean()
+    em = eta * gm.norm(dim=2).mean()
     dot = (gf * gm).sum(2)
     nf = gf.pow(2).sum(2) + ef**2
     nm = gm.pow(2).sum(2) + em**2
