@@ -99,12 +99,14 @@ def _sitk_cases() -> dict[str, sitk.Transform]:
     }
 
 
-@pytest.mark.parametrize("suffix", [".tfm", ".mat", ".h5"])
-@pytest.mark.parametrize("name", list(_sitk_cases()))
+# ITK's MATLAB (.mat) format holds one transform, so the composite goes to .tfm and .h5 only.
+_READ_CASES = [(name, suffix) for name in _sitk_cases() for suffix in (".tfm", ".mat", ".h5")
+               if not (name == "composite3d" and suffix == ".mat")]
+
+
+@pytest.mark.parametrize("name, suffix", _READ_CASES)
 def test_simpleitk_writes_medreg_reads(tmp_path, name, suffix):
     tx = _sitk_cases()[name]
-    if suffix == ".mat" and isinstance(tx, sitk.CompositeTransform):
-        pytest.skip("ITK's MATLAB format holds a single transform")
     path = tmp_path / f"t{suffix}"
     sitk.WriteTransform(tx, str(path))
     t = read_transform(path)
