@@ -87,9 +87,11 @@ def test_qc_figure_writes_png(tmp_path, shape):
     assert w > 400 and h > rows * 150  # one row of panels per stage and orientation
 
 
-def test_qc_figure_rejects_other_grid(tmp_path):
-    fixed = Image(torch.zeros(1, 8, 8), Grid((8, 8)))
-    other = Image(torch.zeros(1, 8, 9), Grid((9, 8)))
-    with pytest.raises(MedregError, match="resample it onto the fixed grid"):
-        qc_figure(fixed, other, fixed, tmp_path / "qc.png")
-    assert not (tmp_path / "qc.png").exists()
+def test_qc_figure_resamples_other_grid_and_rejects_other_dimension(tmp_path):
+    fixed = Image(torch.rand(1, 8, 8), Grid((8, 8)))
+    other = Image(torch.rand(1, 8, 9), Grid((9, 8), spacing=(0.9, 1.0)))
+    assert qc_figure(fixed, other, fixed, tmp_path / "qc.png").exists()
+    vol = Image(torch.zeros(1, 4, 8, 8), Grid((8, 8, 4)))
+    with pytest.raises(MedregError, match="3D but the fixed image is 2D"):
+        qc_figure(fixed, vol, fixed, tmp_path / "qc3.png")
+    assert not (tmp_path / "qc3.png").exists()

@@ -1,8 +1,9 @@
 """Quality-control pictures: checkerboard, magenta/green overlay and difference, before/after.
 
 Convention:
-    * Inputs are :class:`~medreg.core.image.Image` objects on the **same grid** (the fixed
-      grid: the moving image resampled with the identity "before", the warped image "after").
+    * Inputs are :class:`~medreg.core.image.Image` objects shown on the **fixed grid**: the
+      moving image "before" (identity) and the warped image "after". An input on another grid
+      is resampled onto the fixed grid with the identity (world positions kept, linear).
     * 2D arrays are ``(H, W)`` in tensor order; they are drawn with row 0 at the top and
       column 0 on the left (index space, no world flips), the same way for every panel.
     * Intensities are normalized robustly: the 1st..99th percentiles of each image map to
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medreg.core.image import Image
 from medreg.errors import MedregError
@@ -112,13 +114,27 @@ def _scalar(image: Image, name: str) -> np.ndarray:
     return data.mean(axis=0) if data.shape[0] > 1 else data[0]
 
 
+def _on_grid(image: Image, fixed: Image, name: str) -> Image:
+    """``image`` on the fixed grid (identity resampling when the grids differ)."""
+    from medreg.resample import resample
+
+    if not isinstance(image, Image):
+        raise MedregError(f"{name} must be a medreg Image, got {type(image).__name__}")
+    if image.ndim != fixed.ndim:
+        raise MedregError(f"QC {name} is {image.ndim}D but the fixed image is {fixed.ndim}D")
+    if image.grid.is_close(fixed.grid):
+        return image
+    return resample(image.to(torch.float64), fixed.grid)
+
+
 def qc_figure(fixed: Image, moving_before: Image, warped_after: Image,
               path: str | os.PathLike, *, tiles: int = 8, title: str | None = None) -> Path:
     """Write one PNG: rows before/after x columns (checkerboard, overlay, difference).
 
     Args:
         fixed: fixed image ``(C, *S)`` (multi-channel images are averaged).
-        moving_before: moving image on the fixed grid before registration (identity).
+        moving_before: moving image before registration (resampled onto the fixed grid
+            with the identity when it lies on another grid).
         warped_after: moving image warped onto the fixed grid by the result.
         path: output PNG path (parent folders are created).
         tiles: checkerboard tiles per axis.
@@ -132,12 +148,8 @@ def qc_figure(fixed: Image, moving_before: Image, warped_after: Image,
     from matplotlib.figure import Figure
 
     f = _scalar(fixed, "fixed")
-    pairs = [("before", _scalar(moving_before, "moving_before")),
-             ("after", _scalar(warped_after, "warped_after"))]
-    for stage, m in pairs:
-        if m.shape != f.shape:
-            raise MedregError(f"QC {stage} image shape {m.shape} differs from the fixed image "
-                              f"{f.shape}; resample it onto the fixed grid first")
+    pairs = [("before", _scalar(_on_grid(moving_before, fixed, "moving_before"), "")),
+             ("after", _scalar(_on_grid(warped_after, fixed, "warped_after"), ""))]
     views = [(stage, label, fs, ms) for stage, m in pairs
              for (label, fs), (_, ms) in zip(orthogonal_slices(f), orthogonal_slices(m),
                                              strict=True)]
