@@ -109,7 +109,8 @@ def format_info(info: dict) -> str:
                   f"  spacing   {fmt(info['spacing'])} mm",
                   f"  origin    {fmt(info['origin'])} mm (LPS)",
                   "  direction " + " ".join(fmt(r) for r in info["direction"]) + " (rows)",
-                  f"  extent    {fmt(info['world_min'])} .. {fmt(info['world_max'])} mm (LPS)"]
+                  f"  bounds    {fmt(info['world_min'])} .. {fmt(info['world_max'])} mm "
+                  "(LPS, voxel centres)"]
         if "min" in info:
             lines.append(f"  range     [{info['min']:.6g}, {info['max']:.6g}], "
                          f"mean {info['mean']:.6g}")
