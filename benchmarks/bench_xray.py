@@ -138,7 +138,7 @@ def main() -> None:
     print(f"{'tool':8s} {'mode':28s} {'detector':9s} {'ms':>9s} {'rel RMS':>8s}")
     for r in rows:
         print(f"{r['tool']:8s} {r['mode']:28s} {r['detector']:9s} {1000 * r['seconds']:9.1f} "
-              f"{r['rel_rms_vs_own_reference']:8.4f}")
+              f"{r['rel_rms_vs_own_reference']:8.5f}")
     out = {"threads": args.threads, "torch": torch.__version__, "rows": rows}
     if args.patient:
         out["init"] = bench_init(args.patient, args.repeats)

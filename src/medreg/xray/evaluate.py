@@ -168,9 +168,9 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _ms(v: np.ndarray) -> str:
+def _ms(v: np.ndarray, digits: int = 1) -> str:
     v = v[np.isfinite(v)]
-    return f"{v.mean():.1f} +- {v.std():.1f}" if len(v) else "n/a"
+    return f"{v.mean():.{digits}f} +- {v.std():.{digits}f}" if len(v) else "n/a"
 
 
 def summarize(rows: list[dict], metrics) -> dict:
@@ -188,10 +188,24 @@ def summarize(rows: list[dict], metrics) -> dict:
         ok = np.array([bool(r["success"]) for r in rs])
         mpd = np.array([r["mpd"] for r in rs], float)
         tre = np.array([r["tre"] for r in rs], float)
+        rot = np.array([r.get("rotation", np.nan) for r in rs], float)
         out[m] = {"success": f"{int(ok.sum())}/{len(rs)} ({100 * ok.mean():.1f} %)",
-                  "mpd_success": _ms(mpd[ok]), "tre_success": _ms(tre[ok]),
-                  "mpd_all": _ms(mpd), "refine_s": _ms(np.array([r["refine_s"] for r in rs]))}
+                  "mpd_success": _ms(mpd[ok], 2), "tre_success": _ms(tre[ok], 2),
+                  "rotation_success": _ms(rot[ok], 2), "mpd_all": _ms(mpd, 2),
+                  "refine_s": _ms(np.array([r["refine_s"] for r in rs], float)),
+                  "refine_max_s": float(np.nanmax([r["refine_s"] for r in rs]))}
     return out
+
+
+def table_from_cases(path: str | Path, metrics) -> str:
+    """Rebuild the comparison table from a ``cases.csv`` written by :func:`run_protocol`."""
+    with Path(path).open() as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("metric", "message"):
+                r[k] = (v == "True") if v in ("True", "False") else float(v) if v else np.nan
+    return format_table(summarize(rows, tuple(metrics)), tuple(metrics))
 
 
 def format_table(s: dict, metrics) -> str:
@@ -210,5 +224,8 @@ def format_table(s: dict, metrics) -> str:
         else:
             lines.append(f"| BOBYQA+{m} success | - | {s[m]['success']} |")
             lines.append(f"| BOBYQA+{m} mPD (mm) | - | {s[m]['mpd_success']} |")
-        lines.append(f"| {m} refinement time (s) | - | {s[m]['refine_s']} |")
+        lines.append(f"| BOBYQA+{m} TRE on M (mm, successes) | - | {s[m]['tre_success']} |")
+        lines.append(f"| BOBYQA+{m} rotation error (deg) | - | {s[m]['rotation_success']} |")
+        lines.append(f"| {m} refinement time (s) | - | {s[m]['refine_s']} "
+                     f"(max {s[m]['refine_max_s']:.1f}) |")
     return "\n".join(lines)

@@ -38,6 +38,7 @@ class Level:
     voxel_mm: float
     rhobeg: float  # BOBYQA initial trust radius (scaled units ~ mm); Adam learning rate x 10
     maxfun: int
+    rhoend: float = 0.01  # BOBYQA final trust radius, as a fraction of rhobeg
 
 
 def default_levels(geometry: CArmGeometry) -> tuple[Level, ...]:
@@ -47,7 +48,7 @@ def default_levels(geometry: CArmGeometry) -> tuple[Level, ...]:
     """
     f1 = max(1.0, geometry.width / 60.0)
     f2 = max(1.0, geometry.width / 120.0)
-    return (Level(f1, 5.0, 6.0, 250), Level(f2, 2.5, 1.5, 120))
+    return (Level(f1, 5.0, 6.0, 250, 0.05), Level(f2, 2.5, 1.5, 120, 0.02))
 
 
 @dataclass
@@ -132,9 +133,8 @@ def _bobyqa_level(lv: PyramidLevel, metric, pose0: torch.Tensor, center: torch.T
 
     rhobeg = min(lv.level.rhobeg, 0.49 * float(np.min(2 * bounds)))
     soln = pybobyqa.solve(objective, x0, bounds=(-bounds, bounds), rhobeg=rhobeg,
-                          rhoend=0.01 * rhobeg, maxfun=lv.level.maxfun, seek_global_minimum=False,
-                          objfun_has_noise=False, user_params={"logging.save_diagnostic_info":
-                                                               False})
+                          rhoend=lv.level.rhoend * rhobeg, maxfun=lv.level.maxfun,
+                          seek_global_minimum=False, objfun_has_noise=False)
     return soln.x, -soln.f, count[0], soln.msg
 
 
