@@ -36,6 +36,6 @@ bench-env:
 	$(PY) -m venv $(BENCH)
 	$(BENCH)/bin/pip install -q --upgrade pip
 	$(BENCH)/bin/pip install -q $(TORCH)
-	$(BENCH)/bin/pip install -q -e . -r benchmarks/requirements-peers.txt
+	$(BENCH)/bin/pip install -q -c benchmarks/constraints.txt -e . -r benchmarks/requirements-peers.txt
 	$(BENCH)/bin/pip install -q --no-deps diffdrr
-	$(BENCH)/bin/pip install -q $$($(BENCH)/bin/python benchmarks/diffdrr_deps.py)
+	$(BENCH)/bin/pip install -q -c benchmarks/constraints.txt $$($(BENCH)/bin/python benchmarks/diffdrr_deps.py)

@@ -28,24 +28,21 @@ def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32) -> torch
 def gaussian_smooth(tensor: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     """Separable Gaussian blur of ``(N, C, *S)``; ``sigma`` per tensor spatial axis (voxels).
 
-    Borders are replicated so the image mean does not sag at the edges.
+    Each axis is one ``conv1d`` pass over the tensor viewed as rows along that axis; borders are
+    replicated so the image mean does not sag at the edges.
     """
-    ndim = tensor.ndim - 2
     out = tensor
-    conv = F.conv3d if ndim == 3 else F.conv2d
     for axis, s in enumerate(sigma):
         if s <= 0:
             continue
         k = gaussian_kernel1d(s, tensor.dtype).to(tensor.device)
         r = k.numel() // 2
-        shape = [1] * ndim
-        shape[axis] = k.numel()
-        pad = [0] * (2 * ndim)
-        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = r  # F.pad order: last axis first
-        c = out.shape[1]
-        out = conv(F.pad(out, pad, mode="replicate"), k.reshape(1, 1, *shape).expand(c, 1, *shape),
-                   groups=c)
-    return out
+        dim = axis + 2
+        moved = out.movedim(dim, -1)
+        rows = moved.reshape(-1, 1, moved.shape[-1])
+        rows = F.conv1d(F.pad(rows, (r, r), mode="replicate"), k.reshape(1, 1, -1))
+        out = rows.reshape(moved.shape).movedim(-1, dim)
+    return out.contiguous()
 
 
 def smooth_image(image: Image, sigma_mm: float) -> Image:

@@ -165,17 +165,80 @@ def _entropies(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return h_f, h_m, h_fm
 
 
+class _FusedParzen(torch.autograd.Function):
+    """``-MI`` or ``-NMI`` of one image pair with a hand-written backward (moving side only).
+
+    Same estimate as :func:`joint_histogram` + :func:`_entropies`; the backward gathers
+    ``dL/dp`` at the 16 bin pairs of each point instead of replaying the autograd graph, which
+    makes the whole metric several times faster for linear registration.
+    """
+
+    @staticmethod
+    def forward(ctx, m, f, wt, bins, fr, mr, normalized):  # noqa: D102 - see class docstring
+        pad = 2
+        fi, fw = _parzen_sparse(f, bins, *fr)
+        fw = fw * wt[:, None]
+        scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
+        inside = (m >= mr[0]) & (m <= mr[1])
+        pos = (m.clamp(*mr) - mr[0]) * scale + pad
+        base = torch.floor(pos).clamp(pad, bins - 1 - pad)
+        t = pos - base
+        t2, t3 = t * t, t * t * t
+        mw = torch.stack([(1 - t) ** 3 / 6.0, (3 * t3 - 6 * t2 + 4) / 6.0,
+                          (-3 * t3 + 3 * t2 + 3 * t + 1) / 6.0, t3 / 6.0], dim=-1)
+        dmw = torch.stack([-(1 - t) ** 2 / 2.0, (9 * t2 - 12 * t) / 6.0,
+                           (-9 * t2 + 6 * t + 3) / 6.0, t2 / 2.0], dim=-1)
+        mi_ = (base.long()[:, None] + torch.arange(-1, 3, device=m.device)).clamp(0, bins - 1)
+        pair = (fi[:, :, None] * bins + mi_[:, None, :]).reshape(-1)
+        total = wt.sum()
+        joint = torch.zeros(bins * bins, dtype=m.dtype, device=m.device)
+        joint.index_add_(0, pair, (fw[:, :, None] * mw[:, None, :]).reshape(-1))
+        joint = (joint / total).reshape(1, bins, bins)
+        h_f, h_m, h_fm = _entropies(joint)
+        logp = joint[0].clamp_min(_EPS).log()
+        logpm = joint[0].sum(0).clamp_min(_EPS).log()
+        if normalized:  # d(-NMI)/dp up to constants along the moving-bin axis
+            grad_p = (h_fm * logpm[None, :] - (h_f + h_m) * logp) / (h_fm * h_fm)
+            loss = -(h_f + h_m) / h_fm
+        else:  # d(-MI)/dp, same convention
+            grad_p = -(logp - logpm[None, :])
+            loss = -(h_f + h_m - h_fm)
+        ctx.save_for_backward(grad_p.reshape(-1), pair, fw, dmw, (inside * scale).to(m.dtype),
+                              total)
+        return loss[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_p, pair, fw, dmw, dpos, total = ctx.saved_tensors
+        g = grad_p[pair].reshape(-1, 4, 4)
+        gm = ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
+        return grad_out * gm, None, None, None, None, None, None
+
+
+def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized):
+    if bins < 8:
+        raise MedregError(f"mutual information needs at least 8 bins, got {bins}")
+    fused = (fixed.shape[0] == 1 and not fixed.requires_grad
+             and (mask is None or not mask.requires_grad))
+    if not fused:
+        h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
+                                                    moving_range))
+        return (-((h_f + h_m) / h_fm) if normalized else -(h_f + h_m - h_fm)).mean()
+    w, _ = _weights(fixed, mask)
+    f = fixed[0, 0].reshape(-1)
+    m = warped[0, 0].reshape(-1)
+    fr = fixed_range or (float(f.min()), float(f.max()))
+    mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
+    return _FusedParzen.apply(m, f, w[0, 0].reshape(-1).to(m.dtype), bins, fr, mr, normalized)
+
+
 def mi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
        bins: int = 32, fixed_range=None, moving_range=None) -> torch.Tensor:
     """``-MI`` (nats), Mattes-style Parzen estimate with cubic B-spline windows."""
-    h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
-                                                moving_range))
-    return -(h_f + h_m - h_fm).mean()
+    return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized=False)
 
 
 def nmi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
         bins: int = 32, fixed_range=None, moving_range=None) -> torch.Tensor:
     """``-NMI`` with ``NMI = (H(F) + H(M)) / H(F, M)`` in [1, 2] (Studholme)."""
-    h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
-                                                moving_range))
-    return -((h_f + h_m) / h_fm).mean()
+    return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized=True)

@@ -47,7 +47,7 @@ class LinearOptions:
     iterations: int | tuple[int, ...] | None = None
     optimizer: str | tuple[str, ...] | None = None
     lr: float = 0.25
-    samples: int | None = 60000
+    samples: int | None = 30000
     stochastic: bool = False
     bins: int = 64
     off_grid: bool = True

@@ -114,7 +114,7 @@ class LevelObjective:
             self._draw()
         norm = self.warped_points(transform)
         warped = sample(self.moving.batch, norm[None], padding="border")  # (1, C, *P)
-        weight = inside_fov(norm.detach().double(), self.moving.grid).to(warped.dtype)[None, None]
+        weight = inside_fov(norm.detach(), self.moving.grid).to(warped.dtype)[None, None]
         if self.moving_mask is not None:
             mm = sample(self.moving_mask[None].to(norm.dtype), norm.detach()[None], mode="nearest")
             weight = weight * mm
