@@ -95,3 +95,18 @@ def test_demo_data_is_bundled_and_consistent():
     fixed, mask = read_image(paths["fixed"]), read_image(paths["mask"])
     assert fixed.grid.is_close(mask.grid) and np.allclose(fixed.grid.spacing, 2.0, atol=0.02)
     assert int(mask.tensor.sum()) > 10000
+
+
+def test_linear_register_reports_dice_of_label_maps(pair, tmp_path):
+    f, m, true, g = pair
+    fixed = read_image(f)
+    labels = fixed.with_tensor((fixed.tensor > 0.3).to(torch.int16) + (fixed.tensor > 0.8))
+    moving_labels = resample(labels, g, true.inverse(), interpolation="nearest")
+    lf = write_image(labels, tmp_path / "lf.nii.gz")
+    lm = write_image(moving_labels, tmp_path / "lm.nii.gz")
+    out = tmp_path / "o"
+    assert main(["register", str(f), str(m), "-o", str(out), "--transform", "translation",
+                 "--metric", "mse", "--levels", "2,1", "--labels-fixed", str(lf),
+                 "--labels-moving", str(lm)]) == 0
+    dice = json.loads((out / "report.json").read_text())["outputs"]["dice"]
+    assert set(dice["per_label"]) == {"1", "2"} and dice["mean"] > 0.9

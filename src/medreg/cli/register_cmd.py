@@ -130,6 +130,8 @@ def write_outputs(result, out: Path, args: argparse.Namespace) -> dict[str, Any]
         from medreg.io.transforms import write_transform
 
         write_transform(t, out / "transform.tfm")
+        if args.labels_fixed:
+            extra["dice"] = _linear_dice(result, args)
     elif type(t).__name__ == "Homography":
         from medreg.features.homography_io import write_homography
 
@@ -155,3 +157,13 @@ def build_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="medreg")
     add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["register", *argv])
+
+
+def _linear_dice(result, args: argparse.Namespace) -> dict[str, Any]:
+    """Dice per label between the fixed labels and the moving labels warped (nearest)."""
+    from medreg.evaluation.overlap import dice
+
+    fixed_labels = read_image(args.labels_fixed)
+    warped = resample(read_image(args.labels_moving), fixed_labels.grid, result.transform,
+                      interpolation="nearest")
+    return dice(fixed_labels, warped)
