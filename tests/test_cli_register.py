@@ -41,7 +41,7 @@ def test_register_writes_every_output_and_itk_reads_the_transform(pair, tmp_path
     tx = sitk.ReadTransform(str(out / "transform.tfm"))
     p = np.asarray(g.center()) + [5.0, -3.0, 2.0]
     expect = true(torch.as_tensor(p)[None]).detach().numpy()[0]
-    np.testing.assert_allclose(tx.TransformPoint(p.tolist()), expect, atol=0.1)
+    np.testing.assert_allclose(tx.TransformPoint(p.tolist()), expect, atol=0.25)
     warped = read_image(out / "warped.nii.gz")
     assert warped.grid.is_close(g, tol=1e-4)
 
