@@ -79,3 +79,30 @@ def test_cli_register_bad_input(tmp_path, capsys):
     rc = main(["xray", "register", str(tmp_path / "wrong.npy"), "--patient", str(tmp_path),
                "-o", str(tmp_path / "o3")])
     assert rc == 2 and "not a prepared patient" in capsys.readouterr().err
+
+
+def test_cli_register_auto_reports_failed_initialization(tmp_path, capsys):
+    """An untrained network gives no confident landmarks: a reported failure, never a pose."""
+    from medreg.xray.landmarks import NAMES, save_landmarks
+    from medreg.xray.network import LandmarkNet, save_model
+
+    ct = tmp_path / "ct.nii.gz"
+    _phantom(ct)
+    g = CArmGeometry(width=64, height=48, pixel_size=2.4)
+    patient = tmp_path / "patient"
+    patient.mkdir()
+    rng = np.random.default_rng(0)
+    save_landmarks(patient / "landmarks.csv", rng.normal(0, 20, (23, 3)))
+    torch.manual_seed(0)
+    save_model(patient / "model.pt", LandmarkNet(23, 4),
+               {"names": list(NAMES), "geometry": g.to_dict()})
+    (patient / "patient.json").write_text(json.dumps(
+        {"ct": str(ct), "geometry": g.to_dict(), "landmarks": "landmarks.csv",
+         "model": "model.pt", "isocenter": [0.0, 0.0, 0.0]}))
+    np.save(tmp_path / "x.npy", rng.random((48, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    rc = main(["xray", "register", str(tmp_path / "x.npy"), "--patient", str(patient),
+               "-o", str(out)])
+    assert rc == 2 and "automatic initialization failed" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["message"] and not (out / "pose.json").exists()
