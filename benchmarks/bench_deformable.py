@@ -1,0 +1,331 @@
+"""Deformable registration benchmark: medreg against ANTsPy, DIPY, elastix and SimpleITK.
+
+Run from the repository root in the benchmark environment (``make bench-env``)::
+
+    .venv-bench/bin/python benchmarks/bench_deformable.py --resolution 2 --timeout 900
+
+Case: Colin27 (skull-stripped ``ch2bet``) is warped at 1 mm by ``exp(-v)`` for a random smooth
+stationary velocity field ``v`` (mean 3 mm, correlation 15 mm, seed 1), so the true fixed->moving
+mapping is ``exp(v)``; fixed and moving images are then smoothed and reduced to the benchmark
+resolution in the same way. The AAL labels are warped at 1 mm with nearest neighbour.
+
+Every tool runs in its own subprocess limited to 2 threads; its result is turned into one
+fixed->moving displacement field on the fixed grid (ITK convention, LPS mm), which the parent
+scores identically for everyone: mean / 95th percentile of ``|T(x) - exp(v)(x)|`` over the AAL
+brain voxels, mean AAL Dice (fixed labels vs the 1 mm moving labels pulled through ``T``),
+% of voxels with ``det J <= 0`` in the brain, wall time of the registration call (reading and
+writing excluded), CPU time of the child, and its peak RSS (imports included).
+
+Conventions of the peers (verified by the recovered error, which would be of the order of the
+true displacement were a sign or axis flip wrong):
+    * ANTsPy: ``apply_transforms(..., compose=prefix)`` writes the composite fixed->moving field.
+    * elastix: ``transformix_deformation_field`` gives the fixed->moving field (LPS).
+    * SimpleITK: ``TransformToDisplacementField`` of the fitted B-spline transform.
+    * DIPY: ``DiffeomorphicMap.get_forward_field()`` holds static->moving displacements in the
+      NIfTI (RAS) world on the static voxel grid (i, j, k); x and y components are negated to LPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+COLIN = ROOT.parent / "shared/data/brain/colin27"
+THREADS = "2"
+PEERS = ("medreg-syn", "medreg-svf", "medreg-bspline", "ants-syn", "ants-synra", "dipy-syn",
+         "elastix-bspline", "simpleitk-bspline")
+
+
+# --------------------------------------------------------------------------- case
+def build_case(root: Path, resolution: float, seed: int = 1) -> Path:
+    """Write fixed/moving images, labels and the true velocity for one resolution."""
+    import torch
+
+    from medreg.deformable.pyramid import smooth_downsample
+    from medreg.deformable.synthetic import random_velocity
+    from medreg.io.images import read_image, write_image
+    from medreg.resample import resample
+
+    case = root / f"colin27-{resolution:g}mm"
+    if (case / "done").exists():
+        return case
+    case.mkdir(parents=True, exist_ok=True)
+    img = read_image(COLIN / "ch2bet.nii.gz").float()
+    lab = read_image(COLIN / "aal.nii.gz")
+    grid = img.grid.downsample(resolution) if resolution > 1 else img.grid
+    true = random_velocity(img.grid.downsample(4), mean_mm=3.0, smoothness_mm=15.0, seed=seed)
+    fixed = smooth_downsample(img, resolution, grid) if resolution > 1 else img
+    warped = resample(img, img.grid, true.inverse())
+    moving = smooth_downsample(warped, resolution, grid) if resolution > 1 else warped
+    write_image(fixed, case / "fixed.nii.gz")
+    write_image(moving, case / "moving.nii.gz")
+    write_image(resample(lab, grid, interpolation="nearest"), case / "labels_fixed.nii.gz")
+    write_image(resample(lab, lab.grid, true.inverse(), interpolation="nearest"),
+                case / "labels_moving_1mm.nii.gz")
+    torch.save(dict(velocity=true.velocity.detach(), grid=true.grid.to_dict(), steps=true.steps),
+               case / "true.pt")
+    (case / "done").write_text("ok")
+    return case
+
+
+# --------------------------------------------------------------------------- peers (child)
+_T0: list[float] = []
+
+
+def _start() -> None:
+    _T0.append(time.perf_counter())
+
+
+def _stop() -> float:
+    return time.perf_counter() - _T0[-1]
+
+
+def run_medreg(case: Path, out: Path, stage: str) -> float:
+    import torch
+
+    from medreg.io.fields import write_displacement_field
+    from medreg.io.images import read_image
+    from medreg.registration.api import register
+
+    torch.set_num_threads(int(THREADS))
+    fixed, moving = read_image(case / "fixed.nii.gz"), read_image(case / "moving.nii.gz")
+    _start()
+    opts = json.loads(os.environ.get("MEDREG_BENCH_OPTIONS", "{}"))
+    res = register(fixed, moving, transform=stage, metric="lncc", init="none", **opts)
+    took = _stop()
+    write_displacement_field(res.transform, fixed.grid, out)
+    return took
+
+
+def run_ants(case: Path, out: Path, kind: str) -> float:
+    import ants
+
+    fixed = ants.image_read(str(case / "fixed.nii.gz"))
+    moving = ants.image_read(str(case / "moving.nii.gz"))
+    _start()
+    reg = ants.registration(fixed, moving, type_of_transform=kind)
+    took = _stop()
+    prefix = str(out.parent / "ants_composite_")
+    field = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], compose=prefix)
+    os.replace(field, out)
+    return took
+
+
+def run_dipy(case: Path, out: Path) -> float:
+    import nibabel as nib
+    from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
+    from dipy.align.metrics import CCMetric
+
+    f, m = nib.load(str(case / "fixed.nii.gz")), nib.load(str(case / "moving.nii.gz"))
+    static, moving = np.asarray(f.dataobj, np.float64), np.asarray(m.dataobj, np.float64)
+    _start()
+    sdr = SymmetricDiffeomorphicRegistration(CCMetric(3), level_iters=[100, 100, 25])
+    mapping = sdr.optimize(static, moving, f.affine, m.affine)
+    took = _stop()
+    disp = np.asarray(mapping.get_forward_field(), np.float32) * np.array([-1, -1, 1], np.float32)
+    nii = nib.Nifti1Image(disp[:, :, :, None, :], f.affine)
+    nii.header.set_intent("vector")
+    nib.save(nii, str(out))
+    return took
+
+
+def run_elastix(case: Path, out: Path) -> float:
+    import itk
+
+    fixed = itk.imread(str(case / "fixed.nii.gz"), itk.F)
+    moving = itk.imread(str(case / "moving.nii.gz"), itk.F)
+    params = itk.ParameterObject.New()
+    params.AddParameterMap(params.GetDefaultParameterMap("bspline"))
+    _start()
+    _, result = itk.elastix_registration_method(fixed, moving, parameter_object=params,
+                                                log_to_console=False,
+                                                number_of_threads=int(THREADS))
+    took = _stop()
+    field = itk.transformix_deformation_field(moving, result)
+    field.CopyInformation(fixed)
+    itk.imwrite(field, str(out))
+    return took
+
+
+def run_simpleitk(case: Path, out: Path) -> float:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(THREADS))
+    fixed = sitk.ReadImage(str(case / "fixed.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(case / "moving.nii.gz"), sitk.sitkFloat32)
+    _start()
+    mesh = [max(int(round(s * sp / 20.0)), 1) for s, sp in zip(fixed.GetSize(),
+                                                               fixed.GetSpacing(), strict=True)]
+    tx = sitk.BSplineTransformInitializer(fixed, mesh)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsCorrelation()
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.2, 1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=100)
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SetInitialTransformAsBSpline(tx, inPlace=True, scaleFactors=[1, 2, 4])
+    final = reg.Execute(fixed, moving)
+    took = _stop()
+    field = sitk.TransformToDisplacementField(final, sitk.sitkVectorFloat32, fixed.GetSize(),
+                                              fixed.GetOrigin(), fixed.GetSpacing(),
+                                              fixed.GetDirection())
+    sitk.WriteImage(field, str(out))
+    return took
+
+
+RUNNERS = {
+    "medreg-syn": lambda c, o: run_medreg(c, o, "syn"),
+    "medreg-svf": lambda c, o: run_medreg(c, o, "svf"),
+    "medreg-bspline": lambda c, o: run_medreg(c, o, "bspline"),
+    "ants-syn": lambda c, o: run_ants(c, o, "SyN"),
+    "ants-synra": lambda c, o: run_ants(c, o, "SyNRA"),
+    "dipy-syn": run_dipy,
+    "elastix-bspline": run_elastix,
+    "simpleitk-bspline": run_simpleitk,
+}
+
+
+def child_main(peer: str, case: Path, out: Path) -> int:
+    took = RUNNERS[peer](case, out / "field.nii.gz")
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    (out / "result.json").write_text(json.dumps(dict(
+        seconds=took, cpu_seconds=ru.ru_utime + ru.ru_stime, peak_rss_mb=ru.ru_maxrss / 1024)))
+    return 0
+
+
+# --------------------------------------------------------------------------- parent
+def thread_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMBA_NUM_THREADS"):
+        env[key] = THREADS
+    return env
+
+
+def run_peer(peer: str, case: Path, timeout: float, work: Path) -> dict:
+    out = work / peer
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--child", peer, str(case), str(out)]
+    try:
+        proc = subprocess.run(cmd, env=thread_env(), timeout=timeout, capture_output=True,
+                              text=True)
+    except subprocess.TimeoutExpired:
+        return dict(peer=peer, error=f"timeout after {timeout:g} s")
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        return dict(peer=peer, error=f"exit {proc.returncode}: " + (lines[-1][:200] if lines
+                                                                     else "no message"))
+    return dict(peer=peer, **json.loads((out / "result.json").read_text()),
+                field=str(out / "field.nii.gz"))
+
+
+def evaluate(case: Path, field_path: Path) -> dict:
+    """Dense error, Dice and folding of a fixed->moving field, the same for every tool."""
+    import torch
+
+    from medreg.core.grid import Grid
+    from medreg.deformable.transforms import StationaryVelocityField
+    from medreg.evaluation import dice, folding_percent, jacobian_map, std_log_jacobian
+    from medreg.io.fields import read_displacement_field
+    from medreg.io.images import read_image
+    from medreg.resample import resample
+
+    lab_f = read_image(case / "labels_fixed.nii.gz")
+    lab_m = read_image(case / "labels_moving_1mm.nii.gz")
+    saved = torch.load(case / "true.pt")
+    true = StationaryVelocityField(Grid(**saved["grid"]), saved["velocity"], saved["steps"])
+    field = read_displacement_field(field_path)
+    if not field.grid.is_close(lab_f.grid, tol=1e-3):
+        raise ValueError(f"field grid {field.grid} is not the fixed grid {lab_f.grid}")
+    brain = lab_f.tensor[0] > 0
+    pts = lab_f.grid.world_points()
+    with torch.no_grad():
+        truth = true(pts)
+        err = (field(pts) - truth).norm(dim=-1)[brain]
+        before = (truth - pts).norm(dim=-1)[brain]
+    jac = jacobian_map(field, lab_f.grid)
+    warped = resample(lab_m, lab_f.grid, field, interpolation="nearest")
+    return dict(error_mm=float(err.mean()), error_p95_mm=float(err.quantile(0.95)),
+                initial_error_mm=float(before.mean()), dice=dice(lab_f, warped)["mean"],
+                folding_percent=folding_percent(jac, brain),
+                std_log_jacobian=std_log_jacobian(jac, brain))
+
+
+def identity_scores(case: Path, work: Path) -> dict:
+    import torch
+
+    from medreg.deformable.transforms import DisplacementField
+    from medreg.io.fields import write_displacement_field
+    from medreg.io.images import read_image
+
+    grid = read_image(case / "labels_fixed.nii.gz").grid
+    path = write_displacement_field(DisplacementField(grid, torch.zeros(1, 3, *grid.shape)),
+                                    grid, work / "identity.nii.gz")
+    return evaluate(case, path)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| tool | mean error (mm) | p95 (mm) | AAL Dice | folded % | SD log J | wall (s) "
+            "| CPU (s) | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['peer']} | {r['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {r['peer']} | {r['error_mm']:.3f} | {r['error_p95_mm']:.2f} | "
+                     f"{r['dice']:.3f} | {r['folding_percent']:.4f} | "
+                     f"{r['std_log_jacobian']:.3f} | {r.get('seconds', 0):.1f} | "
+                     f"{r.get('cpu_seconds', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} |")
+    return head + "\n".join(lines)
+
+
+def parent_main(args: argparse.Namespace) -> int:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="medreg-bench-deformable-"))
+    case = build_case(work, args.resolution)
+    rows = [dict(peer="identity (before)", **identity_scores(case, work))]
+    for peer in args.peers:
+        res = run_peer(peer, case, args.timeout, work)
+        if "error" not in res:
+            res.update(evaluate(case, Path(res["field"])))
+        rows.append(res)
+        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(resolution=args.resolution, rows=rows),
+                                              indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", nargs=3, metavar=("PEER", "CASE", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--resolution", type=float, default=2.0, help="mm (default 2)")
+    p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per tool")
+    p.add_argument("--workdir", help="keep cases and fields here (default: a temp folder)")
+    p.add_argument("--json", help="write all numbers to this file")
+    p.add_argument("--medreg-options", default="{}",
+                   help='JSON stage options for the medreg runs, e.g. \'{"iterations": [60, 30, 10]}\'')
+    args = p.parse_args(argv)
+    os.environ["MEDREG_BENCH_OPTIONS"] = args.medreg_options
+    if args.child:
+        peer, case, out = args.child
+        return child_main(peer, Path(case), Path(out))
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
