@@ -102,11 +102,12 @@ def test_mi_parzen_matches_entropy_of_known_two_level_image():
     assert float(-Fm.mi(f, f, bins=32)) == pytest.approx(math.log(2), rel=0.1)
 
 
+@pytest.mark.parametrize("window", ["box", "bspline"])
 @pytest.mark.parametrize("name", ["mi", "nmi"])
-def test_fused_parzen_matches_the_autograd_reference(name):
+def test_fused_parzen_matches_the_autograd_reference(name, window):
     f, m = _pair((1, 1, 3000))
     mask = (torch.rand_like(f) > 0.3).double()
-    opts = dict(bins=16, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0))
+    opts = dict(bins=16, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0), fixed_window=window)
     fn = getattr(Fm, name)
     w1 = m.clone().requires_grad_(True)
     fused = fn(f, w1, mask, **opts)

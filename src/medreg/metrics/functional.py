@@ -127,13 +127,33 @@ def _parzen_sparse(values: torch.Tensor, bins: int, lo: float, hi: float
     return idx.clamp(0, bins - 1), w
 
 
+def _parzen_box(values: torch.Tensor, bins: int, lo: float, hi: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-order (nearest-bin) window, Mattes' choice for the fixed image: ``(N, n, 1)`` each."""
+    pad = 2
+    scale = (bins - 1 - 2 * pad) / max(hi - lo, 1e-12)
+    pos = (values.detach().clamp(lo, hi) - lo) * scale + pad
+    idx = torch.round(pos).long().clamp(0, bins - 1)[..., None]
+    return idx, torch.ones_like(values)[..., None]
+
+
+def _fixed_window(name: str):
+    if name == "box":
+        return _parzen_box
+    if name == "bspline":
+        return _parzen_sparse
+    raise MedregError(f"unknown fixed-image Parzen window {name!r}; choose box or bspline")
+
+
 def joint_histogram(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
                     bins: int = 32, fixed_range: tuple[float, float] | None = None,
-                    moving_range: tuple[float, float] | None = None) -> torch.Tensor:
+                    moving_range: tuple[float, float] | None = None,
+                    fixed_window: str = "box") -> torch.Tensor:
     """Parzen-window joint probability (Mattes): ``(N, bins, bins)``, rows = fixed bins.
 
-    Uses the first channel and cubic B-spline windows on both images, accumulated sparsely
-    (16 bin pairs per point). Intensity ranges default to each input's min/max (detached);
+    Uses the first channel: a cubic B-spline window on the moving image and, as in Mattes et
+    al., a zero-order (box) window on the fixed image (``fixed_window="bspline"`` for a cubic
+    one), accumulated sparsely. Intensity ranges default to each input's min/max (detached);
     pass fixed ranges during an optimization so the binning does not move.
     """
     if bins < 8:
@@ -145,7 +165,7 @@ def joint_histogram(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tenso
     wt = w[:, 0].reshape(n, -1)
     fr = fixed_range or (float(f.min()), float(f.max()))
     mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
-    fi, fw = _parzen_sparse(f, bins, *fr)
+    fi, fw = _fixed_window(fixed_window)(f, bins, *fr)
     mi_, mw = _parzen_sparse(m, bins, *mr)
     pair_w = (fw * wt[..., None])[..., :, None] * mw[..., None, :]  # (N, n, 4, 4)
     pair_i = fi[..., :, None] * bins + mi_[..., None, :]
@@ -174,9 +194,9 @@ class _FusedParzen(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, m, f, wt, bins, fr, mr, normalized):  # noqa: D102 - see class docstring
+    def forward(ctx, m, f, wt, bins, fr, mr, normalized, fixed_window):  # noqa: D102
         pad = 2
-        fi, fw = _parzen_sparse(f, bins, *fr)
+        fi, fw = _fixed_window(fixed_window)(f, bins, *fr)
         fw = fw * wt[:, None]
         scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
         inside = (m >= mr[0]) & (m <= mr[1])
@@ -210,35 +230,41 @@ class _FusedParzen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         grad_p, pair, fw, dmw, dpos, total = ctx.saved_tensors
-        g = grad_p[pair].reshape(-1, 4, 4)
+        g = grad_p[pair].reshape(fw.shape[0], fw.shape[1], 4)
         gm = ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
-        return grad_out * gm, None, None, None, None, None, None
+        return grad_out * gm, None, None, None, None, None, None, None
 
 
-def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized):
+def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized,
+                 fixed_window):
     if bins < 8:
         raise MedregError(f"mutual information needs at least 8 bins, got {bins}")
     fused = (fixed.shape[0] == 1 and not fixed.requires_grad
              and (mask is None or not mask.requires_grad))
     if not fused:
         h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
-                                                    moving_range))
+                                                    moving_range, fixed_window))
         return (-((h_f + h_m) / h_fm) if normalized else -(h_f + h_m - h_fm)).mean()
     w, _ = _weights(fixed, mask)
     f = fixed[0, 0].reshape(-1)
     m = warped[0, 0].reshape(-1)
     fr = fixed_range or (float(f.min()), float(f.max()))
     mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
-    return _FusedParzen.apply(m, f, w[0, 0].reshape(-1).to(m.dtype), bins, fr, mr, normalized)
+    return _FusedParzen.apply(m, f, w[0, 0].reshape(-1).to(m.dtype), bins, fr, mr, normalized,
+                              fixed_window)
 
 
 def mi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
-       bins: int = 32, fixed_range=None, moving_range=None) -> torch.Tensor:
-    """``-MI`` (nats), Mattes-style Parzen estimate with cubic B-spline windows."""
-    return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized=False)
+       bins: int = 32, fixed_range=None, moving_range=None,
+       fixed_window: str = "box") -> torch.Tensor:
+    """``-MI`` (nats), Mattes' Parzen estimate (box window on fixed, cubic B-spline on moving)."""
+    return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, False,
+                        fixed_window)
 
 
 def nmi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
-        bins: int = 32, fixed_range=None, moving_range=None) -> torch.Tensor:
+        bins: int = 32, fixed_range=None, moving_range=None,
+        fixed_window: str = "box") -> torch.Tensor:
     """``-NMI`` with ``NMI = (H(F) + H(M)) / H(F, M)`` in [1, 2] (Studholme)."""
-    return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized=True)
+    return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, True,
+                        fixed_window)
