@@ -71,3 +71,10 @@ def test_bad_config_lists_choices():
 def test_pyramid_rejects_upsampling():
     with pytest.raises(ValueError):
         gaussian_pyramid(Image(torch.zeros(1, 4, 4), oblique_grid((4, 4))), (0.5, 1))
+
+
+def test_fast_and_differentiable_smoothing_agree():
+    x = torch.rand(1, 2, 9, 12, 10, dtype=torch.float64)
+    fast = gaussian_smooth(x, (1.0, 0.0, 2.5))
+    slow = gaussian_smooth(x.clone().requires_grad_(True), (1.0, 0.0, 2.5))
+    torch.testing.assert_close(fast, slow.detach())

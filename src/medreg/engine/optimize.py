@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
 from medreg.errors import MedregError
@@ -59,18 +60,40 @@ class OptimizationResult:
     best_loss: float = math.inf
 
 
-def _make(params: Sequence[torch.Tensor], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
+class _Stepper:
+    """Adam or Nesterov-momentum descent on a few leaf tensors.
+
+    Written out (a dozen lines) rather than taken from ``torch.optim``, whose first use imports
+    TorchDynamo: several seconds that a short registration cannot afford.
+    """
+
+    def __init__(self, params: list[torch.Tensor], cfg: OptimizerConfig) -> None:
+        self.params, self.cfg, self.lr, self.t = params, cfg, cfg.lr, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if self.cfg.name == "adam":
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                m_hat = m / (1 - b1**self.t)
+                v_hat = v / (1 - b2**self.t)
+                p.sub_(self.lr * m_hat / (v_hat.sqrt() + eps))
+            else:  # gradient descent with Nesterov momentum 0.9
+                m.mul_(0.9).add_(g)
+                p.sub_(self.lr * (g + 0.9 * m))
+        self.lr *= self.cfg.lr_decay
 
 
 def _run_scipy_lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor],
                      cfg: OptimizerConfig, callback, progress: bool, desc: str
                      ) -> OptimizationResult:
     """L-BFGS-B from SciPy on the flattened parameters (float64), gradients from autograd."""
-    from scipy.optimize import minimize
-
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
 
@@ -143,31 +166,24 @@ def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Te
     params = list(params)
     if config.name == "lbfgs":
         return _run_scipy_lbfgs(params, loss_fn, config, callback, progress, desc)
-    opt = _make(params, config)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.lr_decay) \
-        if config.name != "lbfgs" and config.lr_decay != 1.0 else None
+    stepper = _Stepper(params, config)
     result = OptimizationResult()
     best = [p.detach().clone() for p in params]
     bar = tqdm(total=config.max_iter, desc=desc, disable=not progress, leave=False)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        if not torch.isfinite(loss):
-            raise MedregError(f"the metric became {float(loss.detach())} during optimization "
-                              f"(check for NaN voxels, empty masks or no image overlap)")
-        loss.backward()
-        return loss
-
     try:
         for it in range(config.max_iter):
-            before = [p.detach().clone() for p in params]  # the loss below is evaluated here
-            loss = float(opt.step(closure).detach())
-            if sched is not None:
-                sched.step()
+            for p in params:
+                p.grad = None
+            loss_t = loss_fn()
+            loss = float(loss_t.detach())
+            if not math.isfinite(loss):
+                raise MedregError(f"the metric became {loss} during optimization "
+                                  f"(check for NaN voxels, empty masks or no image overlap)")
+            loss_t.backward()
             result.history.append(loss)
             if loss < result.best_loss:
-                result.best_loss, best = loss, before
+                result.best_loss, best = loss, [p.detach().clone() for p in params]
+            stepper.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.5g}")
             if callback is not None:
