@@ -155,3 +155,15 @@ def test_bad_arguments():
         Affine.from_matrix(np.eye(5))
     with pytest.raises(ValueError, match="needs 3 values"):
         Translation(3, [1.0, 2.0])
+
+
+def test_nearest_rigid_keeps_the_image_of_the_centre():
+    import numpy as np
+
+    from medreg.transforms import Affine, Rigid
+
+    c = np.array([80.0, -40.0, 30.0])
+    aff = Affine(3, np.diag([1.05, 0.95, 1.0]), [3.0, 1.0, -2.0], center=c)
+    rig = Rigid.from_matrix(aff.matrix(), center=c)
+    ct = torch.as_tensor(c)[None]
+    torch.testing.assert_close(rig(ct), aff(ct))

@@ -173,13 +173,16 @@ class Rigid(LinearTransform):
 
     @classmethod
     def from_matrix(cls, matrix, center=None, radius: float = 100.0) -> Rigid:
-        """Nearest rigid transform to a homogeneous matrix (rotation by polar decomposition)."""
+        """Nearest rigid transform to a homogeneous matrix (rotation by polar decomposition).
+
+        The centre keeps its image ``T(c)``, so a near-rigid affine about the image centre
+        becomes the rigid motion that best matches it there.
+        """
         m = np.asarray(torch.as_tensor(matrix).detach().cpu(), dtype=np.float64)
         d = m.shape[0] - 1
         c = np.zeros(d) if center is None else np.asarray(torch.as_tensor(center).cpu(), float)
-        a, _ = _split_center(m, c)
+        a, t = _split_center(m, c)  # t keeps T(c): exact for rigid input, centred otherwise
         r = nearest_rotation(a)
-        t = m[:d, d] - c + r @ c
         rot = [np.arctan2(r[1, 0], r[0, 0])] if d == 2 else rotvec_from_matrix(r)
         return cls(d, rotation=rot, translation=t, center=c, radius=radius)
 
@@ -210,10 +213,9 @@ class Similarity(Rigid):
         m = np.asarray(torch.as_tensor(matrix).detach().cpu(), dtype=np.float64)
         d = m.shape[0] - 1
         c = np.zeros(d) if center is None else np.asarray(torch.as_tensor(center).cpu(), float)
-        a, _ = _split_center(m, c)
+        a, t = _split_center(m, c)  # t keeps T(c)
         s = abs(np.linalg.det(a)) ** (1.0 / d)
         r = nearest_rotation(a / s)
-        t = m[:d, d] - c + s * r @ c
         rot = [np.arctan2(r[1, 0], r[0, 0])] if d == 2 else rotvec_from_matrix(r)
         return cls(d, rotation=rot, translation=t, scale=s, center=c, radius=radius)
 
