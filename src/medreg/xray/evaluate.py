@@ -130,6 +130,7 @@ def run_protocol(ct_path: str, landmarks_path: str, model_path: str, outdir: Pat
                        "detected": res.detected, "inliers": res.inliers,
                        "init_ms": 1000 * res.timings.get("init_s", np.nan),
                        "refine_s": res.timings.get("refine_s", np.nan),
+                       "refine_cpu_s": res.timings.get("refine_cpu_s", np.nan),
                        "total_s": time.perf_counter() - t0, "message": res.message}
                 if res.pose is None:
                     row.update(init_tre=np.nan, tre=np.nan, mpd=np.nan, success=False)

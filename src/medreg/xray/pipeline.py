@@ -118,4 +118,5 @@ def register_auto(xray: Image | np.ndarray | torch.Tensor, patient: Patient, ct:
         res.refine = {"similarity": r.similarity, "initial_similarity": r.initial_similarity,
                       "evaluations": r.evaluations, "history": r.history}
         res.timings["refine_s"] = r.seconds
+        res.timings["refine_cpu_s"] = r.cpu_seconds
     return res
