@@ -15,7 +15,8 @@ from medreg.errors import MedregError
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("xray", help="X-ray to CT registration (Esteban et al. 2019)",
-                              description=__doc__)
+                              description="X-ray to CT registration: DRRs, landmark training, "
+                              "patient preparation, registration, evaluation.")
     sub = p.add_subparsers(dest="xray_command", required=True)
     _add_drr(sub)
     _add_landmarks(sub)
