@@ -317,12 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep cases and fields here (default: a temp folder)")
     p.add_argument("--json", help="write all numbers to this file")
     p.add_argument("--medreg-options", default="{}",
-                   help='JSON stage options for the medreg runs, e.g. \'{"iterations": [60, 30, 10]}\'')
+                   help="JSON stage options for the medreg runs, e.g. "
+                        "'{\"iterations\": [60, 30, 10]}'")
     args = p.parse_args(argv)
-    os.environ["MEDREG_BENCH_OPTIONS"] = args.medreg_options
     if args.child:
         peer, case, out = args.child
         return child_main(peer, Path(case), Path(out))
+    os.environ["MEDREG_BENCH_OPTIONS"] = args.medreg_options  # read by the medreg children
     return parent_main(args)
 
 

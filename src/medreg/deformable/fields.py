@@ -64,7 +64,9 @@ def warp_field(field: torch.Tensor, grid: Grid, disp: torch.Tensor,
 
 
 def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
-    """Interpolate a ``(1, C, *S)`` field on ``grid`` at world points ``(..., dim)`` -> ``(..., C)``.
+    """Interpolate a ``(1, C, *S)`` field on ``grid`` at world points ``(..., dim)``.
+
+    Returns ``(..., C)``.
 
     Convention: points in world LPS mm; linear interpolation; border vector repeated outside.
     """
@@ -158,7 +160,7 @@ def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
     with torch.no_grad():
         w = -disp.clone()
         it = 0
-        for it in range(1, iterations + 1):
+        for it in range(1, iterations + 1):  # noqa: B007 - the count is reported
             res = w + warp_field(disp, grid, w, ident)
             if float(res.norm(dim=1).max()) < tol:
                 break

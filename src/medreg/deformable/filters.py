@@ -27,7 +27,7 @@ def _per_axis(value: float | Sequence[float], ndim: int, name: str) -> list[floa
 
 
 def _conv_axis(x: torch.Tensor, kernel: torch.Tensor, axis: int, mode: str) -> torch.Tensor:
-    """Convolve every channel of ``x`` ``(N, C, *S)`` with a 1D ``kernel`` along spatial ``axis``."""
+    """Convolve each channel of ``x`` ``(N, C, *S)`` with a 1D ``kernel`` along spatial ``axis``."""
     nsp = x.ndim - 2
     k = kernel.numel()
     shape = [1] * nsp
@@ -63,7 +63,8 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Te
         if s > 0:
             axis = tensor_axis(coord, nsp)
             if x.shape[2 + axis] > 1:
-                mode = "replicate" if x.shape[2 + axis] > gaussian_kernel1d(s).numel() // 2 else "zeros"
+                wide = x.shape[2 + axis] > gaussian_kernel1d(s).numel() // 2
+                mode = "replicate" if wide else "zeros"
                 x = _conv_axis(x, gaussian_kernel1d(s), axis, mode)
     return x
 

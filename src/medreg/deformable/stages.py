@@ -26,7 +26,11 @@ from medreg.deformable.optimize import LevelResult, SolverOptions, coarse_to_fin
 from medreg.deformable.problems import BSplineProblem, SVFProblem, SyNProblem
 from medreg.deformable.pyramid import build_levels
 from medreg.deformable.regularizers import FieldRegularizer, RegularizerWeights
-from medreg.deformable.transforms import BSplineTransform, DisplacementField, StationaryVelocityField
+from medreg.deformable.transforms import (
+    BSplineTransform,
+    DisplacementField,
+    StationaryVelocityField,
+)
 from medreg.errors import MedregError
 from medreg.registration.plugins import StageContext, StageOutput
 from medreg.transforms.base import Compose, Transform

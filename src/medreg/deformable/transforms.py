@@ -62,7 +62,9 @@ class DisplacementField(Transform):
 
     def displacement_on(self, grid: Grid) -> torch.Tensor:
         """``(1, dim, *S')`` displacement interpolated at the voxel centres of ``grid``."""
-        return self.field if grid.is_close(self.grid) else resample_field(self.field, self.grid, grid)
+        if grid.is_close(self.grid):
+            return self.field
+        return resample_field(self.field, self.grid, grid)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``(..., dim)`` fixed world points -> ``(..., dim)`` moving world points."""
@@ -128,7 +130,8 @@ def control_grid(grid: Grid, spacing: float | Sequence[float]) -> Grid:
     c = np.broadcast_to(np.asarray(spacing, dtype=np.float64).ravel(), (d,)) \
         if np.size(spacing) in (1, d) else None
     if c is None or not np.all(np.isfinite(c)) or np.any(c <= 0):
-        raise MedregError(f"control-point spacing must be 1 or {d} positive mm values, got {spacing}")
+        raise MedregError(f"control-point spacing must be 1 or {d} positive mm values, "
+                          f"got {spacing}")
     if np.any(c < np.asarray(grid.spacing) - 1e-9):
         raise MedregError(f"control-point spacing {c.tolist()} mm is finer than the image voxels "
                           f"{list(grid.spacing)} mm; use at least one voxel")

@@ -83,7 +83,8 @@ def hausdorff95(a: Image, b: Image, labels: Sequence[int] | None = None) -> dict
         elif not x.any() or not y.any():
             per[lab] = float("inf")
         else:
-            d = np.concatenate([_surface_distances(x, y, spacing), _surface_distances(y, x, spacing)])
+            d = np.concatenate([_surface_distances(x, y, spacing),
+                                _surface_distances(y, x, spacing)])
             per[lab] = float(np.percentile(d, 95))
     vals = [v for v in per.values() if v == v]
     return dict(per_label=per, mean=float(np.mean(vals)) if vals else float("nan"))
