@@ -209,6 +209,9 @@ def thread_env() -> dict[str, str]:
                 "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[key] = THREADS
     env["ANTS_RANDOM_SEED"] = "0"
+    # OpenMP threads sleep instead of spinning while they wait: on a shared machine spinning
+    # threads of torch (and DIPY) lose their core to other jobs; ITK's own pool is unaffected
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

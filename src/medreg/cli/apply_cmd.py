@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from medreg.errors import InputFileError, MedregError
+from medreg.io.atomic import atomic_write
 from medreg.transforms.base import Transform
 
 INTERPOLATIONS = ("linear", "nearest", "bspline")
@@ -188,12 +187,4 @@ def apply_to_points_csv(transform: Transform, src: Path, out: Path) -> int:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.name, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from medreg.errors import InputFileError, MedregError
+from medreg.io.atomic import atomic_write
 from medreg.transforms.base import Compose, Transform
 from medreg.transforms.linear import Affine
 
@@ -124,16 +124,7 @@ def write_transform(transform: Transform, path: str | os.PathLike) -> Path:
     if p.suffix.lower() == ".mat" and isinstance(tx, sitk.CompositeTransform):
         raise MedregError(f"cannot write {p}: a .mat file holds one linear transform; "
                           f"use .h5 or .tfm for composite transforms")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=p.suffix, dir=p.parent)
-    os.close(fd)
-    try:
-        sitk.WriteTransform(tx, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return p
+    return atomic_write(p, lambda tmp: sitk.WriteTransform(tx, tmp))
 
 
 # --------------------------------------------------------------------------- ITK -> medreg
