@@ -29,8 +29,9 @@ def _seed():
 
 def oblique_grid(size, spacing=None, origin=None, angle_deg: float = 20.0):
     """A grid with non-identity spacing, origin and a rotated direction."""
-    from medreg import Grid
     from scipy.spatial.transform import Rotation
+
+    from medreg import Grid
 
     d = len(size)
     spacing = spacing or [0.9, 1.3, 2.1][:d]

@@ -57,7 +57,8 @@ def test_downsample_keeps_extent():
 
 
 @pytest.mark.parametrize("bad", [dict(size=(0, 3)), dict(size=(3, 3), spacing=(1, -1)),
-                                 dict(size=(3, 3, 3, 3)), dict(size=(3, 3), direction=[1, 1, 0, 1])])
+                                 dict(size=(3, 3, 3, 3)),
+                                 dict(size=(3, 3), direction=[1, 1, 0, 1])])
 def test_grid_rejects_bad_geometry(bad):
     with pytest.raises(ValueError):
         Grid(**bad)
@@ -132,7 +133,8 @@ def test_dicom_series_folder(tmp_path):
     for k in range(5):
         sl = s[:, :, k]
         for key, val in [("0020|000e", uid), ("0020|0013", str(k + 1)),
-                         ("0020|0032", "\\".join(map(str, s.TransformIndexToPhysicalPoint((0, 0, k))))),
+                         ("0020|0032",
+                          "\\".join(map(str, s.TransformIndexToPhysicalPoint((0, 0, k))))),
                          ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0060", "CT")]:
             sl.SetMetaData(key, val)
         writer.SetFileName(str(folder / f"{k:03d}.dcm"))

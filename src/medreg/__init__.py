@@ -14,5 +14,6 @@ from medreg.transforms import Affine, Compose, Rigid, Similarity, Transform, Tra
 __version__ = "0.1.0"
 
 __all__ = ["ALIGN_CORNERS", "Affine", "Compose", "Grid", "Image", "InputFileError",
-           "MedregError", "RegistrationResult", "Rigid", "Similarity", "Transform", "Translation", "__version__",
+           "MedregError", "RegistrationResult", "Rigid", "Similarity", "Transform",
+           "Translation", "__version__",
            "read_image", "register", "resample", "write_image"]

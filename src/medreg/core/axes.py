@@ -49,7 +49,7 @@ def tensor_axis(coord_axis: int, ndim: int) -> int:
 
 
 def vectors_to_channels(vectors: torch.Tensor) -> torch.Tensor:
-    """``(N, *spatial, dim)`` vector field -> ``(N, dim, *spatial)``; channel order stays (x,y,z)."""
+    """``(N, *spatial, dim)`` vectors -> ``(N, dim, *spatial)``; channel order stays (x,y,z)."""
     ndim = vectors.ndim - 2
     return vectors.permute(0, ndim + 1, *range(1, ndim + 1))
 

@@ -45,7 +45,8 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; choose from {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"unknown optimizer {self.name!r}; choose from "
+                             f"{', '.join(OPTIMIZERS)}")
         if self.max_iter < 1 or self.lr <= 0 or self.patience < 1:
             raise ValueError(f"optimizer needs max_iter >= 1, lr > 0, patience >= 1: {self}")
 

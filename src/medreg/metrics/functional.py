@@ -27,7 +27,8 @@ def _weights(fixed: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     else:
         w = mask.to(fixed.dtype)
         if w.shape[2:] != fixed.shape[2:]:
-            raise MedregError(f"mask shape {tuple(w.shape)} does not match image {tuple(fixed.shape)}")
+            raise MedregError(f"mask shape {tuple(w.shape)} does not match image "
+                              f"{tuple(fixed.shape)}")
     total = w.flatten(2).sum(-1)
     if bool((total <= 0).any()):
         raise MedregError("the mask (or the overlap of the images) is empty: no voxel to compare")
@@ -39,7 +40,8 @@ def _wmean(x: torch.Tensor, w: torch.Tensor, total: torch.Tensor) -> torch.Tenso
     return (x * w).flatten(2).sum(-1) / total
 
 
-def mse(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def mse(fixed: torch.Tensor, warped: torch.Tensor,
+        mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared difference (SSD / number of voxels)."""
     w, total = _weights(fixed, mask)
     return _wmean((fixed - warped) ** 2, w, total).mean()
@@ -51,7 +53,8 @@ def l1(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = No
     return _wmean((fixed - warped).abs(), w, total).mean()
 
 
-def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ncc(fixed: torch.Tensor, warped: torch.Tensor,
+        mask: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - NCC``: global normalized cross-correlation (0 for a perfect linear match)."""
     w, total = _weights(fixed, mask)
     fm = _wmean(fixed, w, total)

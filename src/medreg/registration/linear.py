@@ -18,7 +18,7 @@ from medreg.engine import OptimizerConfig, gaussian_pyramid, run_optimizer
 from medreg.errors import MedregError
 from medreg.metrics import get_metric
 from medreg.registration.objective import LevelObjective
-from medreg.registration.plugins import StageContext, StageOutput, resolve, INITIALIZERS
+from medreg.registration.plugins import INITIALIZERS, StageContext, StageOutput, resolve
 from medreg.transforms.base import Transform
 from medreg.transforms.linear import LinearTransform, linear_from_matrix
 
@@ -134,7 +134,7 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
             for cb in ctx.callbacks:
                 cb(ctx.stage, _level, it, loss)
 
-        res = run_optimizer([transform.params], lambda: objective(transform), cfg,
+        res = run_optimizer([transform.params], lambda obj=objective: obj(transform), cfg,
                             callback=callback, progress=ctx.progress,
                             desc=f"{ctx.stage} level {i + 1}/{len(opts.levels)}")
         history.extend(res.history)

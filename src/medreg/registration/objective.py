@@ -93,7 +93,8 @@ class LevelObjective:
         if self.off_grid:
             # jitter within the voxel so fixed and moving are both interpolated: this removes
             # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
-            jitter = torch.rand(self.points.shape, generator=self.generator, dtype=self.points.dtype) - 0.5
+            jitter = torch.rand(self.points.shape, generator=self.generator,
+                                dtype=self.points.dtype) - 0.5
             m = torch.as_tensor(self.fixed.grid.world_from_index[:-1, :-1], dtype=self.points.dtype)
             self.points = self.points + jitter @ m.T
             norm = world_to_norm(self.points, self.fixed.grid)

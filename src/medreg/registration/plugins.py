@@ -100,6 +100,7 @@ def resolve(table: dict[str, str], name: str, what: str) -> Callable:
     try:
         target = table[name]
     except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(sorted(table))}") from None
+        raise ValueError(f"unknown {what} {name!r}; choose from "
+                         f"{', '.join(sorted(table))}") from None
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)

@@ -31,7 +31,8 @@ from medreg.transforms.rotations import (
 _DTYPE = torch.float64  # parameters and matrices are kept in float64
 
 
-def _vec(values: Sequence[float] | np.ndarray | torch.Tensor | None, n: int, name: str) -> torch.Tensor:
+def _vec(values: Sequence[float] | np.ndarray | torch.Tensor | None, n: int,
+         name: str) -> torch.Tensor:
     if values is None:
         return torch.zeros(n, dtype=_DTYPE)
     t = torch.as_tensor(np.asarray(values, dtype=np.float64) if not isinstance(values, torch.Tensor)
@@ -227,7 +228,8 @@ class Affine(LinearTransform):
                  radius: float = 100.0) -> None:
         super().__init__(ndim, center, radius)
         a = torch.eye(ndim, dtype=_DTYPE) if linear is None else torch.as_tensor(
-            np.asarray(torch.as_tensor(linear).detach().cpu(), dtype=np.float64)).reshape(ndim, ndim)
+            np.asarray(torch.as_tensor(linear).detach().cpu(), dtype=np.float64)
+        ).reshape(ndim, ndim)
         phys = torch.cat([(a - torch.eye(ndim, dtype=_DTYPE)).reshape(-1),
                           _vec(translation, ndim, "translation")])
         scales = torch.cat([torch.full((ndim * ndim,), self.radius), torch.ones(ndim)])
