@@ -59,11 +59,11 @@ def _feature_gap(result, truth, grid: Grid) -> float:
     return float((result.transform(pts) - truth(pts)).detach().norm(dim=-1).max())
 
 
-@pytest.mark.parametrize("detector", ["sift", "orb"])
+@pytest.mark.parametrize("detector", ["sift", "orb", "akaze"])
 def test_brainweb_shift_13_17(detector):
     fixed, moving = _slice(BRAIN), _slice("BrainProtonDensitySliceShifted13x17y.png")
     result = register_keypoints(fixed, moving, detector=detector, model="translation")
-    tol = 0.05 if detector == "sift" else 0.15
+    tol = 0.05 if detector == "sift" else 0.15  # binary descriptors localize a bit worse
     np.testing.assert_allclose(result.matrix[:2, 2], [13.0, 17.0], atol=tol)
     assert result.report["inlier_ratio"] > 0.9
 

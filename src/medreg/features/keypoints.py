@@ -58,10 +58,12 @@ def _make_detector(name: str, max_features: int):
     if name == "orb":
         return cv2.ORB_create(nfeatures=max_features)
     if name == "akaze":
-        factory = getattr(cv2, "AKAZE_create", None)
+        # OpenCV 4 has it in the main module; OpenCV 5 moved it to contrib's xfeatures2d
+        factory = getattr(cv2, "AKAZE_create", None) or getattr(
+            getattr(cv2, "xfeatures2d", None), "AKAZE_create", None)
         if factory is None:
             raise MedregError(f"AKAZE is not in this OpenCV build ({cv2.__version__}; OpenCV 5 "
-                              f"moved it to opencv-contrib); use sift or orb")
+                              f"keeps it in opencv-contrib); use sift or orb")
         return factory()
     raise MedregError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
 
