@@ -35,7 +35,8 @@ class LinearOptions:
             (default: Adam on the coarse levels for robust large moves, L-BFGS-B on the
             finest level for a precise optimum).
         lr: Adam/GD step (mm-equivalent) at the finest level, doubled per coarser level.
-        samples: fixed points per level (``None`` = all voxels); levels with fewer voxels use all.
+        samples: fixed points per level (``None`` = all voxels; ``"auto"`` = one voxel in 40,
+            at least 30,000 and at most 100,000); levels with fewer voxels use all.
         stochastic: redraw the points every iteration (Adam/GD only).
         off_grid: jitter sampled points inside their voxels (removes MI's grid-alignment bias:
             on MNI152 at 2 mm it cut the MI error from 0.15 to 0.04 mm).
@@ -47,7 +48,7 @@ class LinearOptions:
     iterations: int | tuple[int, ...] | None = None
     optimizer: str | tuple[str, ...] | None = None
     lr: float = 0.25
-    samples: int | None = 30000
+    samples: int | str | None = "auto"
     stochastic: bool = False
     bins: int = 64
     off_grid: bool = True
@@ -77,6 +78,15 @@ class LinearOptions:
             raise MedregError(f"give one optimizer per level or one for all, got {optim}")
         return cls(**{**known, "levels": tuple(opts.levels), "iterations": tuple(iters),
                       "optimizer": tuple(optim)})
+
+
+def sample_count(samples: int | str | None, numel: int) -> int | None:
+    """Points to draw on a level of ``numel`` voxels (see :class:`LinearOptions`)."""
+    if samples == "auto":
+        return int(np.clip(numel // 40, 30_000, 100_000))
+    if samples is not None and (not isinstance(samples, int) or samples < 1):
+        raise MedregError(f"samples must be a positive integer, 'auto' or None, got {samples!r}")
+    return samples
 
 
 def parameter_radius(image: Image) -> float:
@@ -122,7 +132,8 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
         t0 = time.perf_counter()
         metric = get_metric(ctx.metric, **_metric_options(ctx, opts, f_l))
         objective = LevelObjective(f_l, m_l, metric, fixed_mask=ctx.fixed_mask,
-                                   moving_mask=ctx.moving_mask, samples=opts.samples,
+                                   moving_mask=ctx.moving_mask,
+                                   samples=sample_count(opts.samples, f_l.grid.numel),
                                    resample_every_call=opts.stochastic, seed=ctx.seed + i,
                                    dtype=torch.float64 if opts.optimizer[i] == "lbfgs"
                                    else torch.float32, off_grid=opts.off_grid)
