@@ -23,7 +23,7 @@ from medreg.core.sampling import (
     theta_between,
     world_to_norm,
 )
-from medreg.transforms.base import Transform
+from medreg.transforms.base import Transform, parameter_dtype
 
 INTERPOLATIONS = ("linear", "nearest", "bspline")
 
@@ -39,17 +39,10 @@ def _norm_points(image: Image, grid: Grid, transform: Transform | None,
         return affine_norm_grid(theta.to(dev), grid, dtype)
     pts = grid.world_points(torch.float64, dev)
     with torch.no_grad():
-        moved = transform(pts.to(_param_dtype(transform)))
+        moved = transform(pts.to(parameter_dtype(transform)))
     return world_to_norm(moved.to(torch.float64), image.grid).to(dtype)[None]
 
 
-def _param_dtype(transform: Transform) -> torch.dtype:
-    for p in transform.parameters():
-        return p.dtype
-    for b in transform.buffers():
-        if b.is_floating_point():
-            return b.dtype
-    return torch.float32
 
 
 def resample(image: Image, grid: Grid | None = None, transform: Transform | None = None, *,

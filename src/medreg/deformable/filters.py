@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from medreg.core.axes import tensor_axis
+from medreg.core.axes import tensor_axis, tensor_order
 from medreg.errors import MedregError
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -59,7 +59,15 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Te
         ``(N, C, *S)`` smoothed tensor (differentiable).
     """
     nsp = x.ndim - 2
-    for coord, s in enumerate(_per_axis(sigma, nsp, "sigma")):
+    sig = _per_axis(sigma, nsp, "sigma")
+    if not x.requires_grad and x.device.type == "cpu" and all(
+            x.shape[2 + tensor_axis(c, nsp)] > gaussian_kernel1d(s).numel() // 2
+            for c, s in enumerate(sig) if s > 0):
+        # no gradient needed: the engine's SciPy path is several times faster on the CPU
+        from medreg.engine.pyramid import gaussian_smooth as fast_smooth
+
+        return fast_smooth(x, tensor_order(sig))
+    for coord, s in enumerate(sig):
         if s > 0:
             axis = tensor_axis(coord, nsp)
             if x.shape[2 + axis] > 1:

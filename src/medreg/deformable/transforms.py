@@ -27,7 +27,7 @@ from medreg.deformable.fields import (
     sample_field,
 )
 from medreg.errors import MedregError
-from medreg.transforms.base import Transform
+from medreg.transforms.base import Transform, parameter_dtype
 
 
 class DisplacementField(Transform):
@@ -240,14 +240,7 @@ def dense_from_transform(transform: Transform, grid: Grid,
         raise MedregError(f"a {transform.ndim}D transform cannot be sampled on a {grid.ndim}D grid")
     pts = grid.world_points(torch.float64)
     with torch.no_grad():
-        moved = transform(pts.to(_param_dtype(transform))).to(torch.float64)
+        moved = transform(pts.to(parameter_dtype(transform))).to(torch.float64)
     return DisplacementField(grid, vectors_to_channels((moved - pts)[None]).to(dtype))
 
 
-def _param_dtype(transform: Transform) -> torch.dtype:
-    for p in transform.parameters():
-        return p.dtype
-    for b in transform.buffers():
-        if b.is_floating_point():
-            return b.dtype
-    return torch.float32

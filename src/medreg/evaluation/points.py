@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from medreg.errors import MedregError
-from medreg.transforms.base import Transform
+from medreg.transforms.base import Transform, parameter_dtype
 
 
 def landmark_tre(transform: Transform, fixed_points, moving_points) -> dict:
@@ -26,16 +26,9 @@ def landmark_tre(transform: Transform, fixed_points, moving_points) -> dict:
         raise MedregError(f"landmarks must be two (n, {transform.ndim}) arrays of equal shape, "
                           f"got {tuple(fp.shape)} and {tuple(mp.shape)}")
     with torch.no_grad():
-        pts = fp.to(_dtype(transform))
+        pts = fp.to(parameter_dtype(transform, torch.float64))
         err = (transform(pts).double() - mp).norm(dim=-1)
     return dict(per_point=err.tolist(), mean=float(err.mean()), median=float(err.median()),
                 max=float(err.max()))
 
 
-def _dtype(transform: Transform) -> torch.dtype:
-    for p in transform.parameters():
-        return p.dtype
-    for b in transform.buffers():
-        if b.is_floating_point():
-            return b.dtype
-    return torch.float64

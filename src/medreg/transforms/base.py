@@ -32,6 +32,16 @@ class Transform(nn.Module):
         raise TypeError(f"{type(self).__name__} has no closed-form inverse")
 
 
+def parameter_dtype(transform: Transform, default: torch.dtype = torch.float32) -> torch.dtype:
+    """dtype of a transform's first floating parameter or buffer (points are cast to it)."""
+    for p in transform.parameters():
+        return p.dtype
+    for b in transform.buffers():
+        if b.is_floating_point():
+            return b.dtype
+    return default
+
+
 class Compose(Transform):
     """Apply transforms in the listed order: ``Compose(a, b)(x) = b(a(x))``.
 
