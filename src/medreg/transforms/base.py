@@ -8,11 +8,13 @@ Convention:
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 
-class Transform(nn.Module):
+class Transform(nn.Module, abc.ABC):
     """A spatial transform ``T: fixed world -> moving world``.
 
     Subclasses implement :meth:`forward` on ``(..., dim)`` points and may implement
@@ -21,8 +23,9 @@ class Transform(nn.Module):
 
     ndim: int
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+    @abc.abstractmethod
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)`` fixed world points -> ``(..., dim)`` moving world points."""
 
     @property
     def is_linear(self) -> bool:

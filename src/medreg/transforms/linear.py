@@ -14,6 +14,7 @@ Convention:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,11 +63,13 @@ class LinearTransform(Transform):
         self.register_buffer("center", _vec(center, ndim, "center"))
 
     # -- subclasses define the layout
-    def _linear_from_physical(self, p: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _linear_from_physical(self, p: torch.Tensor) -> torch.Tensor:
+        """``(dim, dim)`` matrix ``A`` from the physical parameter vector."""
 
-    def _translation_from_physical(self, p: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _translation_from_physical(self, p: torch.Tensor) -> torch.Tensor:
+        """``(dim,)`` translation ``t`` from the physical parameter vector."""
 
     def _init_params(self, physical: torch.Tensor, scales: torch.Tensor) -> None:
         self.register_buffer("scales", scales.to(_DTYPE))
