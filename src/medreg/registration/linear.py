@@ -15,6 +15,7 @@ import torch
 
 from medreg.core.image import Image
 from medreg.engine import OptimizerConfig, gaussian_pyramid, run_optimizer
+from medreg.engine.threads import threads_for
 from medreg.errors import MedregError
 from medreg.metrics import get_metric
 from medreg.registration.objective import LevelObjective
@@ -130,24 +131,10 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
     for i, (f_l, m_l, n_iter) in enumerate(zip(fixed_levels, moving_levels, opts.iterations,
                                                 strict=True)):
         t0 = time.perf_counter()
-        metric = get_metric(ctx.metric, **_metric_options(ctx, opts, f_l))
-        objective = LevelObjective(f_l, m_l, metric, fixed_mask=ctx.fixed_mask,
-                                   moving_mask=ctx.moving_mask,
-                                   samples=sample_count(opts.samples, f_l.grid.numel),
-                                   resample_every_call=opts.stochastic, seed=ctx.seed + i,
-                                   dtype=torch.float64 if opts.optimizer[i] == "lbfgs"
-                                   else torch.float32, off_grid=opts.off_grid)
-        scale = 2.0 ** (len(opts.levels) - 1 - i)
-        cfg = OptimizerConfig(name=opts.optimizer[i], lr=opts.lr * scale, max_iter=n_iter,
-                              tol=opts.tol, patience=opts.patience)
-
-        def callback(it: int, loss: float, _level=i) -> None:
-            for cb in ctx.callbacks:
-                cb(ctx.stage, _level, it, loss)
-
-        res = run_optimizer([transform.params], lambda obj=objective: obj(transform), cfg,
-                            callback=callback, progress=ctx.progress,
-                            desc=f"{ctx.stage} level {i + 1}/{len(opts.levels)}")
+        samples = sample_count(opts.samples, f_l.grid.numel)
+        work = f_l.grid.numel if samples is None or ctx.metric == "lncc" else samples
+        with threads_for(work * f_l.channels):
+            res = _solve_level(ctx, opts, transform, i, f_l, m_l, n_iter, samples)
         history.extend(res.history)
         reason = res.stop_reason
         level_info.append(dict(level=i, factor=opts.levels[i], size=list(f_l.grid.size),
@@ -155,6 +142,28 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
                                final_loss=res.best_loss, seconds=time.perf_counter() - t0))
     return StageOutput(transform=transform, history=history, stop_reason=reason,
                        info={"levels": level_info})
+
+
+def _solve_level(ctx: StageContext, opts: LinearOptions, transform: LinearTransform, i: int,
+                 f_l: Image, m_l: Image, n_iter: int, samples: int | None):
+    """Optimize ``transform`` in place on pyramid level ``i``; returns the optimizer result."""
+    metric = get_metric(ctx.metric, **_metric_options(ctx, opts, f_l))
+    objective = LevelObjective(f_l, m_l, metric, fixed_mask=ctx.fixed_mask,
+                               moving_mask=ctx.moving_mask, samples=samples,
+                               resample_every_call=opts.stochastic, seed=ctx.seed + i,
+                               dtype=torch.float64 if opts.optimizer[i] == "lbfgs"
+                               else torch.float32, off_grid=opts.off_grid)
+    scale = 2.0 ** (len(opts.levels) - 1 - i)
+    cfg = OptimizerConfig(name=opts.optimizer[i], lr=opts.lr * scale, max_iter=n_iter,
+                          tol=opts.tol, patience=opts.patience)
+
+    def callback(it: int, loss: float) -> None:
+        for cb in ctx.callbacks:
+            cb(ctx.stage, i, it, loss)
+
+    return run_optimizer([transform.params], lambda: objective(transform), cfg,
+                         callback=callback, progress=ctx.progress,
+                         desc=f"{ctx.stage} level {i + 1}/{len(opts.levels)}")
 
 
 def evaluate_transforms(ctx: StageContext, candidates: Sequence[Transform],
