@@ -36,8 +36,10 @@ class LinearOptions:
             (default: Adam on the coarse levels for robust large moves, L-BFGS-B on the
             finest level for a precise optimum).
         lr: Adam/GD step (mm-equivalent) at the finest level, doubled per coarser level.
-        samples: fixed points per level (``None`` = all voxels; ``"auto"`` = one voxel in 40,
-            at least 30,000 and at most 100,000); levels with fewer voxels use all.
+        samples: fixed points per level (``None`` = all voxels; ``"auto"`` = one voxel in 10,
+            at least 30,000 and at most 100,000: on the 2 mm MNI cases 100k points gave
+            0.155 mm where 30k gave 0.192 mm, for 2x the time); levels with fewer voxels use
+            all.
         stochastic: redraw the points every iteration (Adam/GD only).
         off_grid: jitter sampled points inside their voxels (removes MI's grid-alignment bias:
             on MNI152 at 2 mm it cut the MI error from 0.15 to 0.04 mm).
@@ -84,7 +86,7 @@ class LinearOptions:
 def sample_count(samples: int | str | None, numel: int) -> int | None:
     """Points to draw on a level of ``numel`` voxels (see :class:`LinearOptions`)."""
     if samples == "auto":
-        return int(np.clip(numel // 40, 30_000, 100_000))
+        return int(np.clip(numel // 10, 30_000, 100_000))
     if samples is not None and (not isinstance(samples, int) or samples < 1):
         raise MedregError(f"samples must be a positive integer, 'auto' or None, got {samples!r}")
     return samples
