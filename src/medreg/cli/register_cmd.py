@@ -21,20 +21,21 @@ from medreg.registration.plugins import INITIALIZERS, METHODS, STAGES
 from medreg.resample import resample
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
+def _number_list(cast: type, what: str):
+    """argparse type for comma-separated ``cast`` values, e.g. ``4,2,1``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+_floats = _number_list(float, "numbers")
+_ints = _number_list(int, "integers")
 
 
 def _option(text: str) -> tuple[str, Any]:
