@@ -64,8 +64,26 @@ def world_to_norm(points: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def inside_fov(norm_points: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Boolean ``(...)``: point lies in the voxel extent ``[-0.5, size - 0.5]`` (ITK's rule)."""
-    m = torch.as_tensor(grid.index_from_norm, dtype=norm_points.dtype, device=norm_points.device)
-    idx = norm_points @ m[:-1, :-1].T + m[:-1, -1]
-    size = torch.as_tensor(grid.size, dtype=idx.dtype, device=idx.device)
-    return ((idx >= -0.5 - 1e-6) & (idx <= size - 0.5 + 1e-6)).all(dim=-1)
+    """Boolean ``(...)``: point lies in the voxel extent ``[-0.5, size - 0.5]`` (ITK's rule).
+
+    Index and normalized coordinates differ by a per-axis scale and shift, so the test is a
+    per-axis bound on the normalized coordinates.
+    """
+    return inside_bounds(norm_points, *norm_bounds(grid, norm_points.dtype, norm_points.device))
+
+
+def inside_bounds(norm_points: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(...)``: ``lo <= norm_points <= hi`` on every axis (bounds from
+    :func:`norm_bounds`)."""
+    return ((norm_points >= lo) & (norm_points <= hi)).all(dim=-1)
+
+
+def norm_bounds(grid: Grid, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dim,)`` normalized coordinates of index ``-0.5`` and ``size - 0.5`` per axis."""
+    m = np.asarray(grid.norm_from_index, dtype=np.float64)
+    size = np.asarray(grid.size, dtype=np.float64)
+    a = m[:-1, :-1] @ np.full(len(size), -0.5) + m[:-1, -1]
+    b = m[:-1, :-1] @ (size - 0.5) + m[:-1, -1]
+    lo, hi = np.minimum(a, b) - 1e-6, np.maximum(a, b) + 1e-6
+    return (torch.as_tensor(lo, dtype=dtype, device=device),
+            torch.as_tensor(hi, dtype=dtype, device=device))

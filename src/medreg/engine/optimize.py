@@ -33,6 +33,10 @@ class OptimizerConfig:
         patience: window of iterations for the convergence test.
         gtol: stop when the gradient norm falls below this (0 disables).
         lr_decay: multiply the step size by this each iteration (Adam/GD).
+        average: stochastic mode (Adam/GD): run all ``max_iter`` iterations (no loss-based
+            stop, since the loss is noisy), halve the step for the last ``average`` fraction of
+            them and return the mean of those iterates (Polyak-Ruppert averaging), instead of
+            the best iterate. 0 (default) keeps the deterministic behaviour.
     """
 
     name: str = "adam"
@@ -42,6 +46,7 @@ class OptimizerConfig:
     patience: int = 10
     gtol: float = 0.0
     lr_decay: float = 1.0
+    average: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -49,6 +54,8 @@ class OptimizerConfig:
                              f"{', '.join(OPTIMIZERS)}")
         if self.max_iter < 1 or self.lr <= 0 or self.patience < 1:
             raise ValueError(f"optimizer needs max_iter >= 1, lr > 0, patience >= 1: {self}")
+        if not 0.0 <= self.average < 1.0 or (self.average and self.name == "lbfgs"):
+            raise ValueError(f"average must be in [0, 1) and needs adam or gd: {self}")
 
 
 @dataclass
@@ -154,7 +161,8 @@ def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Te
                   config: OptimizerConfig = OptimizerConfig(), *,
                   callback: Callable[[int, float], None] | None = None,
                   progress: bool = False, desc: str = "") -> OptimizationResult:
-    """Minimize ``loss_fn()`` over ``params``; the best parameters seen are restored at the end.
+    """Minimize ``loss_fn()`` over ``params``; the best parameters seen are restored at the end
+    (with ``config.average``, the mean of the last iterates instead).
 
     Args:
         params: leaf tensors with ``requires_grad``.
@@ -167,28 +175,20 @@ def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Te
     params = list(params)
     if config.name == "lbfgs":
         return _run_scipy_lbfgs(params, loss_fn, config, callback, progress, desc)
+    if config.average:
+        return _run_averaged(params, loss_fn, config, callback, progress, desc)
     stepper = _Stepper(params, config)
     result = OptimizationResult()
     best = [p.detach().clone() for p in params]
     bar = tqdm(total=config.max_iter, desc=desc, disable=not progress, leave=False)
     try:
         for it in range(config.max_iter):
-            for p in params:
-                p.grad = None
-            loss_t = loss_fn()
-            loss = float(loss_t.detach())
-            if not math.isfinite(loss):
-                raise MedregError(f"the metric became {loss} during optimization "
-                                  f"(check for NaN voxels, empty masks or no image overlap)")
-            loss_t.backward()
+            loss = _loss_and_grad(params, loss_fn)
             result.history.append(loss)
             if loss < result.best_loss:
                 result.best_loss, best = loss, [p.detach().clone() for p in params]
             stepper.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.5g}")
-            if callback is not None:
-                callback(it, loss)
+            _report(bar, callback, it, loss)
             reason = _stop_reason(result.history, params, config)
             if reason:
                 result.stop_reason = reason
@@ -201,6 +201,58 @@ def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Te
         for p, b in zip(params, best, strict=True):
             p.copy_(b)
     result.iterations = len(result.history)
+    return result
+
+
+def _loss_and_grad(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) -> float:
+    """Evaluate the loss, check it is finite, and fill the parameters' ``.grad``."""
+    for p in params:
+        p.grad = None
+    loss_t = loss_fn()
+    loss = float(loss_t.detach())
+    if not math.isfinite(loss):
+        raise MedregError(f"the metric became {loss} during optimization "
+                          f"(check for NaN voxels, empty masks or no image overlap)")
+    loss_t.backward()
+    return loss
+
+
+def _report(bar, callback, it: int, loss: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.5g}")
+    if callback is not None:
+        callback(it, loss)
+
+
+def _run_averaged(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor],
+                  cfg: OptimizerConfig, callback, progress: bool, desc: str
+                  ) -> OptimizationResult:
+    """Stochastic Adam/GD with a fixed iteration count and Polyak-Ruppert averaging."""
+    stepper = _Stepper(params, cfg)
+    result = OptimizationResult()
+    start = int(round(cfg.max_iter * (1.0 - cfg.average)))
+    total = [torch.zeros_like(p) for p in params]
+    bar = tqdm(total=cfg.max_iter, desc=desc, disable=not progress, leave=False)
+    try:
+        for it in range(cfg.max_iter):
+            if it == start:
+                stepper.lr *= 0.5
+            loss = _loss_and_grad(params, loss_fn)
+            result.history.append(loss)
+            stepper.step()
+            if it >= start:
+                for acc, p in zip(total, params, strict=True):
+                    acc.add_(p.detach())
+            _report(bar, callback, it, loss)
+    finally:
+        bar.close()
+    with torch.no_grad():
+        for acc, p in zip(total, params, strict=True):
+            p.copy_(acc / (cfg.max_iter - start))
+    result.best_loss = float(np.mean(result.history[start:]))
+    result.iterations = cfg.max_iter
+    result.stop_reason = (f"stochastic schedule done: {cfg.max_iter} iterations, mean of the last "
+                          f"{cfg.max_iter - start} iterates")
     return result
 
 

@@ -199,20 +199,16 @@ class _FusedParzen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, m, f, wt, bins, fr, mr, normalized, fixed_window):  # noqa: D102
         pad = 2
-        fi, fw = _fixed_window(fixed_window)(f, bins, *fr)
-        fw = fw * wt[:, None]
+        fi, fw = _fixed_window(fixed_window)(f[None], bins, *fr)
+        fi, fw = fi[0], fw[0] * wt[:, None]  # (n, k): fixed bins and weights, k = 1 or 4
         scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
-        inside = (m >= mr[0]) & (m <= mr[1])
         pos = (m.clamp(*mr) - mr[0]) * scale + pad
-        base = torch.floor(pos).clamp(pad, bins - 1 - pad)
-        t = pos - base
-        t2, t3 = t * t, t * t * t
-        mw = torch.stack([(1 - t) ** 3 / 6.0, (3 * t3 - 6 * t2 + 4) / 6.0,
-                          (-3 * t3 + 3 * t2 + 3 * t + 1) / 6.0, t3 / 6.0], dim=-1)
-        dmw = torch.stack([-(1 - t) ** 2 / 2.0, (9 * t2 - 12 * t) / 6.0,
-                           (-9 * t2 + 6 * t + 3) / 6.0, t2 / 2.0], dim=-1)
-        mi_ = (base.long()[:, None] + torch.arange(-1, 3, device=m.device)).clamp(0, bins - 1)
-        pair = (fi[:, :, None] * bins + mi_[:, None, :]).reshape(-1)
+        dpos = (pos == (m - mr[0]) * scale + pad).to(m.dtype) * scale  # 0 where clamped
+        base = torch.floor(pos).clamp_(pad, bins - 1 - pad)
+        mw, dmw = _cubic_weights(pos - base)
+        # bins base-1 .. base+2 of the moving window; base is clamped so all are valid
+        first = (fi * bins)[:, :, None] + (base.long() - 1)[:, None, None]
+        pair = (first + torch.arange(4, device=m.device)).reshape(-1)
         total = wt.sum()
         joint = torch.zeros(bins * bins, dtype=m.dtype, device=m.device)
         joint.index_add_(0, pair, (fw[:, :, None] * mw[:, None, :]).reshape(-1))
@@ -226,8 +222,7 @@ class _FusedParzen(torch.autograd.Function):
         else:  # d(-MI)/dp, same convention
             grad_p = -(logp - logpm[None, :])
             loss = -(h_f + h_m - h_fm)
-        ctx.save_for_backward(grad_p.reshape(-1), pair, fw, dmw, (inside * scale).to(m.dtype),
-                              total)
+        ctx.save_for_backward(grad_p.reshape(-1), pair, fw, dmw, dpos, total)
         return loss[0]
 
     @staticmethod
@@ -236,6 +231,21 @@ class _FusedParzen(torch.autograd.Function):
         g = grad_p[pair].reshape(fw.shape[0], fw.shape[1], 4)
         gm = ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
         return grad_out * gm, None, None, None, None, None, None, None
+
+
+def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cubic B-spline weights of bins ``base-1 .. base+2`` and their derivatives: ``(n, 4)``.
+
+    ``t`` in [0, 1] is the position past ``base``; the weights sum to 1, the derivatives to 0.
+    """
+    s = 1.0 - t
+    t2, s2 = t * t, s * s
+    w0, w3 = s2 * s / 6.0, t2 * t / 6.0
+    w1 = (3.0 * t - 6.0) * t2 / 6.0 + 2.0 / 3.0
+    d0, d3 = -0.5 * s2, 0.5 * t2
+    d1 = (1.5 * t - 2.0) * t
+    return (torch.stack([w0, w1, 1.0 - w0 - w1 - w3, w3], dim=-1),
+            torch.stack([d0, d1, -(d0 + d1 + d3), d3], dim=-1))
 
 
 def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized,
