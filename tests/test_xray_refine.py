@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from medreg.xray.geometry import (
     project,
     to_camera,
 )
-from medreg.xray.refine import Level, refine_pose, xray_tensor
+from medreg.xray.refine import Level, Pyramid, refine_pose, xray_tensor
 from medreg.xray.similarity import gradncc, lncc, ncc
 from tests.conftest import SHARED, need
 
@@ -69,13 +71,21 @@ def test_bobyqa_ncc_recovers_pose_on_real_chest_ct(chest):
     start = gt @ perturbation((4, -3, 3), (-7, 6, 8), iso)
     pts = iso + np.random.default_rng(0).normal(0, 50, (30, 3))
     tre0, _ = _errors(start, gt, pts, g)
-    levels = (Level(2.0, 5.0, 6.0, 150), Level(1.0, 2.5, 1.5, 80))
-    res = refine_pose(xray[0, 0], chest, g, start, metric="ncc", levels=levels)
+    pyramid = Pyramid(chest, g)  # the default levels: 30x23 on 10 mm, 60x47 on 2.5 mm
+    res = refine_pose(xray[0, 0], pyramid, g, start, metric="ncc")
     tre, mpd = _errors(res.pose, gt, pts, g)
     assert tre0 > 8.0
     assert tre < 2.0 and mpd < 1.0, (tre, mpd)
     assert res.similarity > res.initial_similarity
-    assert res.evaluations <= 230 and len(res.history) == 2
+    assert res.evaluations <= 300
+    assert [h["detector"] for h in res.history] == [[30, 24], [60, 47]]
+    # the CT itself gives the same result (the pyramid is built inside, deterministically)
+    again = refine_pose(xray[0, 0], chest, g, start, metric="ncc")
+    np.testing.assert_allclose(again.pose, res.pose, atol=1e-9)
+    with pytest.raises(MedregError, match="another C-arm"):
+        refine_pose(xray[0, 0], pyramid, dataclasses.replace(g, sid=850.0), start)
+    with pytest.raises(MedregError, match="levels"):
+        refine_pose(xray[0, 0], pyramid, g, start, levels=(Level(1.0, 5.0, 1.0, 5),))
 
 
 def test_adam_recovers_translation_on_blob_phantom():

@@ -190,6 +190,11 @@ class DRRRenderer(nn.Module):
                    else torch.full((geometry.height, geometry.width), 0.5))
         self.register_buffer("offsets", offsets)
 
+    def samples_per_ray(self) -> int:
+        """Upper bound of the depth samples per ray: the volume's diagonal over the step."""
+        diag = float(np.linalg.norm(np.asarray(self.grid.size) * np.asarray(self.grid.spacing)))
+        return max(1, math.ceil(diag / self.step))
+
     def forward(self, poses: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``(B, 4, 4)`` or ``(4, 4)`` poses -> ``(B, 1, H, W)`` DRRs."""
         p = torch.as_tensor(poses, dtype=torch.float64) if not isinstance(poses, torch.Tensor) \

@@ -21,7 +21,7 @@ from medreg.xray.geometry import CArmGeometry
 from medreg.xray.landmarks import load_landmarks
 from medreg.xray.network import MIN_CONFIDENCE, LandmarkNet, detect, load_model
 from medreg.xray.pnp import solve_pnp
-from medreg.xray.refine import Level, refine_pose, shrink, xray_tensor
+from medreg.xray.refine import Level, Pyramid, refine_pose, shrink, xray_tensor
 
 
 @dataclass
@@ -81,14 +81,16 @@ def detect_landmarks(patient: Patient, xray: torch.Tensor, geometry: CArmGeometr
     return uv, det.confidence[0]
 
 
-def register_auto(xray: Image | np.ndarray | torch.Tensor, patient: Patient, ct: Image,
-                  geometry: CArmGeometry, *, metric: str = "ncc", optimizer: str = "bobyqa",
-                  levels: tuple[Level, ...] | None = None, min_conf: float = MIN_CONFIDENCE,
-                  refine: bool = True) -> AutoResult:
+def register_auto(xray: Image | np.ndarray | torch.Tensor, patient: Patient,
+                  ct: Image | Pyramid, geometry: CArmGeometry, *, metric: str = "ncc",
+                  optimizer: str = "bobyqa", levels: tuple[Level, ...] | None = None,
+                  min_conf: float = MIN_CONFIDENCE, refine: bool = True) -> AutoResult:
     """Detect landmarks, PnP with RANSAC, then intensity refinement.
 
-    Failures (too few confident landmarks, RANSAC without consensus) are reported in
-    ``AutoResult.message`` with ``pose=None``; nothing is guessed.
+    ``ct`` is the patient's CT in HU or a :class:`~medreg.xray.refine.Pyramid` built from it
+    (build that once to register many X-rays). Failures (too few confident landmarks, RANSAC
+    without consensus) are reported in ``AutoResult.message`` with ``pose=None``; nothing is
+    guessed.
     """
     x = xray_tensor(xray, geometry)
     t0 = time.perf_counter()
@@ -111,7 +113,8 @@ def register_auto(xray: Image | np.ndarray | torch.Tensor, patient: Patient, ct:
     res.init_pose, res.inliers = pnp.pose, len(pnp.inliers)
     res.pose = pnp.pose
     if refine:
-        center = np.asarray(patient.info.get("isocenter", ct.grid.center()))
+        default = ct.center if isinstance(ct, Pyramid) else ct.grid.center()
+        center = np.asarray(patient.info.get("isocenter", default))
         r = refine_pose(x, ct, geometry, pnp.pose, metric=metric, optimizer=optimizer,
                         levels=levels, center=center)
         res.pose = r.pose

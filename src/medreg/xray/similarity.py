@@ -3,6 +3,13 @@
 Convention: images are ``(B, 1, H, W)``; the fixed X-ray ``(1, 1, H, W)`` broadcasts over the
 batch of DRRs. Every function returns ``(B,)``. All are invariant to a positive affine change of
 intensities, which is what DRR-vs-X-ray comparison needs.
+
+Global NCC is :func:`medreg.metrics.functional.ncc` (a loss, ``1 - NCC``), turned into a
+per-DRR similarity here. LNCC is not the shared one on purpose: the shared LNCC averages the
+*squared* local correlation (ANTs' CC, for inverted contrast between modalities) with an
+absolute variance floor of 1e-5, while a DRR is never an inverted X-ray, so anti-correlated
+windows must count against a pose, and the floor would weigh flat windows differently with
+the X-ray's units (line integrals of 0-8 here). Gradient NCC is X-ray specific.
 """
 
 from __future__ import annotations
@@ -13,17 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from medreg.errors import MedregError
+from medreg.metrics import functional
 
 _EPS = 1e-8
 
 
 def ncc(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-    """Global normalized cross-correlation in ``[-1, 1]`` -> ``(B,)``."""
-    f = fixed - fixed.mean(dim=(-2, -1), keepdim=True)
-    m = moving - moving.mean(dim=(-2, -1), keepdim=True)
-    num = (f * m).sum(dim=(1, 2, 3))
-    den = torch.sqrt((f * f).sum(dim=(1, 2, 3)) * (m * m).sum(dim=(1, 2, 3)) + _EPS)
-    return num / den
+    """Global normalized cross-correlation in ``[-1, 1]`` of each DRR -> ``(B,)``."""
+    return torch.stack([1.0 - functional.ncc(fixed, m[None]) for m in moving])
 
 
 def lncc(fixed: torch.Tensor, moving: torch.Tensor, window: int = 9) -> torch.Tensor:
@@ -56,11 +60,14 @@ def gradncc(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     return 0.5 * (ncc(fx, mx) + ncc(fy, my))
 
 
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+#: A similarity: ``(fixed (1, 1, H, W), moving (B, 1, H, W)) -> (B,)``, higher is better.
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+METRICS: dict[str, Metric] = {
     "ncc": ncc, "lncc": lncc, "gradncc": gradncc}
 
 
-def get_metric(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def get_metric(name: str) -> Metric:
     """Look up a similarity by name (``ncc``, ``lncc``, ``gradncc``)."""
     try:
         return METRICS[name.lower()]
