@@ -78,3 +78,32 @@ def test_fast_and_differentiable_smoothing_agree():
     fast = gaussian_smooth(x, (1.0, 0.0, 2.5))
     slow = gaussian_smooth(x.clone().requires_grad_(True), (1.0, 0.0, 2.5))
     torch.testing.assert_close(fast, slow.detach())
+
+
+def test_averaged_stochastic_adam_beats_its_last_iterate():
+    """Noisy gradients of a quadratic: the mean of the last iterates is closer than the last."""
+    target = torch.tensor([3.0, -2.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    last = []
+
+    def loss():
+        noise = torch.randn(2, generator=gen, dtype=torch.float64)
+        return ((p - target) ** 2).sum() + (p * noise).sum()  # unbiased noisy gradient
+
+    def remember(it, value):
+        last.append(p.detach().clone())
+
+    res = run_optimizer([p], loss, OptimizerConfig(name="adam", lr=0.2, max_iter=200,
+                                                   average=0.5), callback=remember)
+    assert res.iterations == 200 and "mean of the last 100 iterates" in res.stop_reason
+    torch.testing.assert_close(p.detach(), torch.stack(last[100:]).mean(0), rtol=0, atol=1e-12)
+    assert float((p.detach() - target).norm()) < 0.1
+    assert float((p.detach() - target).norm()) < 0.5 * float((last[-1] - target).norm())
+
+
+def test_averaging_needs_a_first_order_optimizer():
+    with pytest.raises(ValueError, match="average"):
+        OptimizerConfig(name="lbfgs", average=0.5)
+    with pytest.raises(ValueError, match="average"):
+        OptimizerConfig(name="adam", average=1.0)

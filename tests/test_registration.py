@@ -165,3 +165,45 @@ def test_bad_input_messages():
         medreg.register(img3, img3, metric="cc")
     with pytest.raises(MedregError, match="not found"):
         medreg.register("missing.nii.gz", img3)
+
+
+def test_stochastic_batches_are_stratified_memory_ordered_and_cycle():
+    from medreg.metrics import get_metric
+    from medreg.registration.objective import LevelObjective
+
+    g = oblique_grid((30, 20, 10))
+    img = blob_image(g)
+    obj = LevelObjective(img, img, get_metric("mse"), samples=500, resample_every_call=True,
+                         batches=3, seed=5, off_grid=False)
+    idx = torch.as_tensor(g.world_to_index(obj.points.numpy())).round().long()
+    flat = idx[:, 0] + 30 * (idx[:, 1] + 20 * idx[:, 2])
+    assert bool((flat[1:] > flat[:-1]).all())  # memory order, no repeats
+    assert bool(((flat // 12) == torch.arange(500)).all())  # one point in each run of 12 voxels
+    torch.testing.assert_close(obj.values[0], img.tensor.reshape(-1)[flat])
+    t = Translation(3, [0.0, 0.0, 0.0])
+    seen = []
+    for _ in range(4):
+        obj(t)
+        seen.append(obj.points.clone())
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert not torch.equal(seen[3], seen[0])  # the pool was redrawn after 3 batches
+    again = LevelObjective(img, img, get_metric("mse"), samples=500, resample_every_call=True,
+                           batches=3, seed=5, off_grid=False)
+    torch.testing.assert_close(again.points, seen[0])
+
+
+def test_linear_schedule_plans_levels():
+    from medreg.registration.linear import LinearOptions
+
+    opts = LinearOptions.from_options({})
+    assert opts.stochastic and opts.iterations == (40, 40, 60)
+    assert opts.level_plan(0, 5_000, needs_grid=False) == ("lbfgs", None, False)
+    assert opts.level_plan(2, 1_000_000, needs_grid=False) == ("adam", 8000, True)
+    lncc = LinearOptions.from_options({}, needs_grid=True)
+    assert not lncc.stochastic and lncc.iterations == (60, 40, 25)
+    assert lncc.level_plan(0, 10**6, True) == ("adam", None, False)
+    assert lncc.level_plan(2, 10**6, True) == ("lbfgs", None, False)
+    fixed = LinearOptions.from_options({"stochastic": False})
+    assert fixed.level_plan(2, 10**6, False) == ("lbfgs", 100_000, False)
+    with pytest.raises(MedregError, match="stochastic"):
+        LinearOptions.from_options({"stochastic": "sometimes"})

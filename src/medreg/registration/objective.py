@@ -63,7 +63,6 @@ class LevelObjective:
         self.moving_mask = mask_on_grid(moving_mask, self.moving)
         if fmask is not None and float(fmask.sum()) == 0:
             raise MedregError("the fixed mask is empty at this resolution")
-        self.world = self.fixed.grid.world_points(dtype)  # (*S, dim)
         self.fvals = self.fixed.tensor  # (C, *S)
         self.fmask = fmask
         self.use_grid = samples is None or metric.needs_grid or samples >= self.fixed.grid.numel
@@ -87,7 +86,8 @@ class LevelObjective:
     def _draw(self) -> None:
         """Choose the fixed points: all voxels, or ``batches`` random subsets of ``samples``."""
         if self.use_grid:
-            self.points, self.values, self.weights = self.world, self.fvals, self.fmask
+            self.points = self.fixed.grid.world_points(self.fvals.dtype)  # (*S, dim)
+            self.values, self.weights = self.fvals, self.fmask
             return
         pool = self.candidates
         n_pool = pool.numel() if pool is not None else self.fixed.grid.numel
@@ -97,18 +97,17 @@ class LevelObjective:
         u = torch.rand(self.batches, n, generator=self.generator).double()  # float32 RNG: 3x faster
         pick = ((torch.arange(n, dtype=torch.float64) + u) * (n_pool / n)).long().reshape(-1)
         idx = pool[pick.clamp_max(n_pool - 1)] if pool is not None else pick.clamp_max(n_pool - 1)
-        dim = self.fixed.ndim
-        points = self.world.reshape(-1, dim)[idx]
+        index = _unravel(idx, self.fixed.grid.size, self.fvals.dtype)  # (n, dim) x, y[, z]
         if self.off_grid:
             # jitter within the voxel so fixed and moving are both interpolated: this removes
             # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
-            jitter = torch.rand(points.shape, generator=self.generator).to(points.dtype) - 0.5
-            m = torch.as_tensor(self.fixed.grid.world_from_index[:-1, :-1], dtype=points.dtype)
-            points = points + jitter @ m.T
-            norm = world_to_norm(points, self.fixed.grid)
+            index = index + (torch.rand(index.shape, generator=self.generator)
+                             .to(index.dtype) - 0.5)
+            norm = _apply(self.fixed.grid.norm_from_index, index)
             values = sample(self.fixed.batch, norm[None], padding="border")[0]
         else:
             values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
+        points = _apply(self.fixed.grid.world_from_index, index)
         self._pool_points, self._pool_values = points.split(n), values.split(n, dim=1)
         self.points, self.values, self.weights = self._pool_points[0], self._pool_values[0], None
 
@@ -145,3 +144,18 @@ class LevelObjective:
             # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
             return warped.sum() * 0.0 + NO_OVERLAP_LOSS
         return self.metric(self.values[None], warped, weight, **self.ranges)
+
+
+def _unravel(flat: torch.Tensor, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``(n,)`` flat indices of a tensor-order ``(..., y, x)`` array -> ``(n, dim)`` (x, y[, z])."""
+    out, rest = [], flat
+    for n in size:  # x varies fastest in memory
+        out.append(rest % n)
+        rest = rest // n
+    return torch.stack(out, dim=-1).to(dtype)
+
+
+def _apply(matrix, points: torch.Tensor) -> torch.Tensor:
+    """``(n, dim)`` points through a homogeneous ``(dim+1, dim+1)`` numpy matrix."""
+    m = torch.as_tensor(matrix, dtype=points.dtype, device=points.device)
+    return points @ m[:-1, :-1].T + m[:-1, -1]
