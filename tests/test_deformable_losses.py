@@ -12,6 +12,8 @@ from medreg.deformable.filters import box_mean, gaussian_smooth
 from medreg.deformable.metrics import (
     get_deformable_metric,
     lncc,
+    lncc_force,
+    lncc_reference,
     mind_ssc,
     mind_ssc_descriptors,
     ngf,
@@ -123,6 +125,50 @@ def test_metric_gradcheck(loss):
     f = torch.rand(1, 1, 7, 8, 6, dtype=torch.float64)
     m = torch.rand(1, 1, 7, 8, 6, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: loss(f, x), (m,))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lncc_closed_form_backward_matches_autograd_and_gradcheck(masked):
+    """The analytic backward of :func:`lncc` (both images, with a mask) against autograd through
+    the plain reference and against finite differences (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    f = torch.rand(1, 1, 7, 8, 9, dtype=torch.float64, generator=gen).requires_grad_(True)
+    m = torch.rand(1, 1, 7, 8, 9, dtype=torch.float64, generator=gen).requires_grad_(True)
+    mask = (torch.rand(1, 1, 7, 8, 9, generator=gen) > 0.3).double() if masked else None
+    fast = torch.autograd.grad(lncc(f, m, mask, window=3), (f, m))
+    ref = torch.autograd.grad(lncc_reference(f, m, mask, window=3), (f, m))
+    for a, b in zip(fast, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-14, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda x, y: lncc(x, y, mask, window=3), (f, m))
+
+
+def test_lncc_force_is_the_centre_voxel_derivative_with_window_statistics_fixed():
+    """ANTs' / DIPY's CC force: -d(cc^2)/dw(x) (times the window size) at one voxel, local
+    means held fixed, by central finite differences."""
+    gen = torch.Generator().manual_seed(5)
+    f = torch.rand(1, 1, 9, 10, 11, dtype=torch.float64, generator=gen)
+    w = 0.5 * f + 0.5 * torch.rand(1, 1, 9, 10, 11, dtype=torch.float64, generator=gen)
+    loss, force_f, force_w = lncc_force(f, w, window=3, eps=1e-5)
+    inner = torch.zeros_like(f)
+    inner[:, :, 1:-1, 1:-1, 1:-1] = 1  # boxes fully inside the image: the same cc^2 as lncc
+    assert float(loss) < 0
+    assert torch.isclose(lncc_force(f, w, inner, window=3)[0], lncc(f, w, inner, window=3))
+    z, y, x = 4, 5, 6
+    pf, pw = f[0, 0, 3:6, 4:7, 5:8], w[0, 0, 3:6, 4:7, 5:8]
+    mf, mw = pf.mean(), pw.mean()
+
+    def cc2(df: float, dw: float) -> torch.Tensor:
+        a, b = pf.clone(), pw.clone()
+        a[1, 1, 1] += df
+        b[1, 1, 1] += dw
+        cov = ((a - mf) * (b - mw)).mean()
+        return cov**2 / (((a - mf) ** 2).mean() * ((b - mw) ** 2).mean() + 1e-5)
+
+    h, n = 1e-6, 27
+    fd_w = -n * (cc2(0, h) - cc2(0, -h)) / (2 * h)
+    fd_f = -n * (cc2(h, 0) - cc2(-h, 0)) / (2 * h)
+    assert torch.isclose(force_w[0, 0, z, y, x], fd_w, rtol=1e-5)
+    assert torch.isclose(force_f[0, 0, z, y, x], fd_f, rtol=1e-5)
 
 
 def test_ngf_and_mind_are_minimal_for_a_contrast_inverted_copy():

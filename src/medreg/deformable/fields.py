@@ -159,13 +159,15 @@ def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
     ident = identity_norm(grid, disp.dtype, disp.device)
     with torch.no_grad():
         w = -disp.clone()
-        it = 0
+        it, res = 0, None
         for it in range(1, iterations + 1):  # noqa: B007 - the count is reported
-            res = w + warp_field(disp, grid, w, ident)
-            if float(res.norm(dim=1).max()) < tol:
+            pulled = warp_field(disp, grid, w, ident)  # u(y + w(y)): one warp per iteration
+            res = (w + pulled).norm(dim=1)
+            if float(res.max()) < tol:
                 break
-            w = -warp_field(disp, grid, w, ident)
-        res = (w + warp_field(disp, grid, w, ident)).norm(dim=1)
+            w = -pulled
+        if res is None or it == iterations and float(res.max()) >= tol:
+            res = (w + warp_field(disp, grid, w, ident)).norm(dim=1)
     return InversionResult(w, float(res.max()), float(res.mean()), it)
 
 

@@ -87,7 +87,8 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     Returns:
         ``(N, C, *S)``; borders are zero-padded and divided by the full window size, the
         convention of ANTs' and VoxelMorph's local NCC. Cost is O(N) per axis, independent
-        of the window.
+        of the window on the contiguous axis and O(window N) (contiguous slab additions) on the
+        others.
     """
     if window < 1 or window % 2 == 0:
         raise MedregError(f"box window must be an odd positive number of voxels, got {window}")
@@ -95,9 +96,18 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     r = window // 2
     for axis in range(nsp):
         dim = 2 + axis
-        pad = [0] * (2 * nsp)
-        pad[2 * (nsp - 1 - axis)], pad[2 * (nsp - 1 - axis) + 1] = r + 1, r
-        c = torch.cumsum(F.pad(x, pad), dim=dim)
         n = x.shape[dim]
-        x = (c.narrow(dim, window, n) - c.narrow(dim, 0, n)) / window
-    return x
+        pad = [0] * (2 * nsp)
+        if axis == nsp - 1:  # contiguous axis: running sum by cumsum
+            pad[0], pad[1] = r + 1, r
+            c = torch.cumsum(F.pad(x, pad), dim=dim)
+            x = c.narrow(dim, window, n) - c.narrow(dim, 0, n)
+        else:  # outer axes: adding shifted slabs is ~3x faster than cumsum there
+            pad[2 * (nsp - 1 - axis)] = pad[2 * (nsp - 1 - axis) + 1] = r
+            xp = F.pad(x, pad)
+            acc = xp.narrow(dim, 0, n).clone()
+            for k in range(1, window):
+                acc = acc + xp.narrow(dim, k, n) if acc.requires_grad else \
+                    acc.add_(xp.narrow(dim, k, n))
+            x = acc
+    return x / float(window**nsp)

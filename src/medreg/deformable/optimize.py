@@ -143,13 +143,15 @@ def solve_level(problem: FieldProblem, level: Level, params: list[torch.Tensor],
         out.iterations = it + 1
         if callback is not None:
             callback(it, out.history[-1])
-        if _converged(out.history, opts):
+        if converged(out.history, opts):
             out.stop_reason = f"converged: loss change < {opts.tol:g} over {opts.window} iterations"
             break
     return out
 
 
-def _converged(history: Sequence[float], opts: SolverOptions) -> bool:
+def converged(history: Sequence[float], opts: SolverOptions) -> bool:
+    """True when the mean loss of the last ``window`` iterations improved by less than ``tol``
+    (relative) on the ``window`` before."""
     w = opts.window
     if len(history) < 2 * w:
         return False

@@ -2,11 +2,9 @@
 
 Convention:
     * ``SVFProblem``: ``T = init o exp(v)``; loss ``sim(F, M o init o exp(v)) + R(v)``.
-    * ``SyNProblem``: two velocities meet at a midpoint: ``A = exp(v_f)`` maps midpoint points
-      into the fixed image, ``B = exp(v_m)`` into the moving one; loss
-      ``sim(F o A, M o init o B) + R(v_f) + R(v_m)``; then ``T = init o B o A^-1``.
     * ``BSplineProblem``: ``T = init o (x + B(c)(x))``; loss ``sim + R(u)`` on the field grid.
-    All velocities / coefficients are ``(1, dim, *S)`` in mm on the level's field grid.
+    All velocities / coefficients are ``(1, dim, *S)`` in mm on the level's field grid. The
+    ``syn`` stage is greedy and lives in :mod:`medreg.deformable.greedy`.
 """
 
 from __future__ import annotations
@@ -15,8 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from medreg.core.sampling import sample
-from medreg.deformable.fields import identity_norm, integrate_velocity, norm_offsets, resample_field
+from medreg.deformable.fields import identity_norm, integrate_velocity, resample_field
 from medreg.deformable.optimize import MovingWarper, Upsampler
 from medreg.deformable.pyramid import Level
 from medreg.deformable.regularizers import FieldRegularizer
@@ -75,34 +72,6 @@ class SVFProblem:
         warped = c.warper(c.up(u))
         return self.metric(level.fixed.batch, warped, level.mask), self.reg(params[0],
                                                                              level.field_grid)
-
-
-class SyNProblem:
-    """Symmetric midpoint scheme with two stationary velocity fields (see module docstring)."""
-
-    smooth = True
-
-    def __init__(self, metric: Metric, regularizer: FieldRegularizer, init: Transform | None,
-                 steps: int = 6) -> None:
-        self.metric, self.reg, self.steps = metric, regularizer, steps
-        self.cache = _LevelCache(init)
-
-    def initial(self, level: Level) -> list[torch.Tensor]:
-        return [_zeros(level), _zeros(level)]
-
-    def upsample(self, params, old, new):
-        return _carry(params, old, new)
-
-    def loss(self, level: Level, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache.get(level)
-        fg = level.field_grid
-        u_f = c.up(integrate_velocity(params[0], fg, self.steps, c.ident_field))
-        u_m = c.up(integrate_velocity(params[1], fg, self.steps, c.ident_field))
-        fixed_mid = sample(level.fixed.batch, c.ident_image + norm_offsets(u_f, level.grid),
-                           padding="border")
-        moving_mid = c.warper(u_m)
-        reg = self.reg(params[0], fg) + self.reg(params[1], fg)
-        return self.metric(fixed_mid, moving_mid, level.mask), reg
 
 
 class BSplineProblem:

@@ -9,6 +9,9 @@ Options (``ctx.options``; strings such as ``"4,2,1"`` are accepted for tuples):
     levels, iterations, lr, grad_sigma, field_sigma, field_factor, steps, window (LNCC box,
     voxels), tol, spacing (B-spline control points, mm), diffusion, bending, elastic, tv,
     folding, mu, lam (regularizer weights, physical units), metric (overrides ``ctx.metric``).
+    ``syn`` is greedy (:mod:`medreg.deformable.greedy`): ``step`` (longest update, level voxels)
+    replaces ``lr``; its regularization is the smoothing (``grad_sigma``, ``field_sigma``), so
+    it takes no regularizer weights.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from typing import Any
 
 import torch
 
-from medreg.deformable.fields import compose_displacements, integrate_velocity, resample_field
+from medreg.deformable.greedy import GreedySyN, solve_greedy_level, syn_mappings
 from medreg.deformable.memory import estimate_bytes, peak_bytes
 from medreg.deformable.metrics import get_deformable_metric
-from medreg.deformable.optimize import LevelResult, SolverOptions, coarse_to_fine
-from medreg.deformable.problems import BSplineProblem, SVFProblem, SyNProblem
+from medreg.deformable.optimize import LevelResult, SolverOptions, coarse_to_fine, solve_level
+from medreg.deformable.problems import BSplineProblem, SVFProblem
 from medreg.deformable.pyramid import build_levels
 from medreg.deformable.regularizers import FieldRegularizer, RegularizerWeights
 from medreg.deformable.transforms import (
@@ -40,7 +43,8 @@ _COMMON = dict(levels=(4.0, 2.0, 1.0), iterations=(100, 60, 30), tol=1e-4, windo
                metric=None)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "svf": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
-    "syn": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
+    "syn": dict(levels=(4.0, 2.0, 1.0), iterations=(100, 60, 15), tol=1e-4, window=5,
+                metric=None, step=0.25, grad_sigma=3.0, field_sigma=0.5, field_factor=2.0),
     "bspline": dict(_COMMON, lr=0.05, grad_sigma=0.0, field_sigma=0.0, field_factor=2.0,
                     steps=0, spacing=12.0, bending=0.0, folding=10.0),
 }
@@ -98,24 +102,26 @@ def _setup(ctx: StageContext, kind: str, n_fields: int) -> _Setup:
                                             if name.lower() in ("lncc", "cc") else {}))
     levels = build_levels(ctx.fixed, ctx.moving, cfg["levels"], field_factor=cfg["field_factor"],
                           mask=ctx.fixed_mask)
-    weights = RegularizerWeights(**{k: cfg[k] for k in ("diffusion", "bending", "elastic", "tv",
-                                                         "folding", "mu", "lam")})
-    solver = SolverOptions(iterations=cfg["iterations"], lr=cfg["lr"],
+    weights = RegularizerWeights(**{k: cfg.get(k, 0.0) for k in (
+        "diffusion", "bending", "elastic", "tv", "folding", "mu", "lam")})
+    solver = SolverOptions(iterations=cfg["iterations"], lr=cfg.get("lr", cfg.get("step")),
                            grad_sigma=cfg["grad_sigma"], field_sigma=cfg["field_sigma"],
                            tol=cfg["tol"])
     est = estimate_bytes(levels[-1].grid, levels[-1].moving.grid, levels[-1].field_grid,
-                         n_fields=n_fields, steps=max(cfg["steps"], 1))
+                         n_fields=n_fields, steps=max(cfg.get("steps", 0), 1))
     return _Setup(cfg, levels, metric, FieldRegularizer(weights), solver, est)
 
 
-def _run(ctx: StageContext, setup: _Setup, problem) -> tuple[list[torch.Tensor], dict]:
+def _run(ctx: StageContext, setup: _Setup, problem, solver=solve_level
+         ) -> tuple[list[torch.Tensor], dict]:
     def callback(level: int, it: int, loss: float) -> None:
         for cb in ctx.callbacks:
             cb(ctx.stage, level, it, loss)
 
     torch.manual_seed(ctx.seed)
     t0 = time.perf_counter()
-    params, results = coarse_to_fine(problem, setup.levels, setup.solver, callback=callback)
+    params, results = coarse_to_fine(problem, setup.levels, setup.solver, solver=solver,
+                                     callback=callback)
     info = dict(memory_estimate_bytes=setup.estimate, peak_memory_bytes=peak_bytes(ctx.device),
                 seconds=time.perf_counter() - t0, levels=list(setup.cfg["levels"]),
                 level_iterations=[r.iterations for r in results],
@@ -149,18 +155,23 @@ def run_svf_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
 
 
 def run_syn_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
-    """Symmetric (midpoint) diffeomorphic registration; forward and inverse dense fields."""
+    """Greedy symmetric (midpoint) diffeomorphic registration; forward and inverse dense fields.
+
+    See :mod:`medreg.deformable.greedy`; the result is ``init o B o A^-1`` as one displacement
+    field on the fixed grid, the inverse ``A o B^-1`` composed with ``init^-1``.
+    """
     setup = _setup(ctx, "syn", 2)
-    steps = setup.cfg["steps"]
-    problem = SyNProblem(setup.metric, setup.reg, init, steps)
-    (v_f, v_m), info = _run(ctx, setup, problem)
-    fg, grid = setup.levels[-1].field_grid, ctx.fixed.grid
-    with torch.no_grad():
-        flows = [resample_field(integrate_velocity(v, fg, steps), fg, grid)
-                 for v in (-v_f, v_m, -v_m, v_f)]
-        forward = compose_displacements(flows[0], flows[1], grid)  # B o A^-1
-        backward = compose_displacements(flows[2], flows[3], grid)  # A o B^-1
-    info["velocity_grid"] = fg.to_dict()
+    name = (setup.cfg["metric"] or ctx.metric).lower()
+    problem = GreedySyN(setup.metric, init,
+                        cc_window=setup.cfg["window"] if name in ("lncc", "cc") else None)
+    (u_f, u_m), info = _run(ctx, setup, problem, solve_greedy_level)
+    t0 = time.perf_counter()
+    grid = ctx.fixed.grid
+    forward, backward, residuals = syn_mappings(u_f, u_m, setup.levels[-1].field_grid, grid)
+    info.update(residuals)
+    info["seconds_inversion"] = time.perf_counter() - t0
+    info["field_grid"] = setup.levels[-1].field_grid.to_dict()
+    info["peak_memory_bytes"] = peak_bytes(ctx.device)
     return _output(DisplacementField(grid, forward), DisplacementField(grid, backward), info, init)
 
 

@@ -1,0 +1,228 @@
+"""Greedy symmetric SyN (ANTs / FireANTs style): compositive updates of two displacement fields.
+
+Convention:
+    * Two displacement fields on the level's *field grid* (fixed-image geometry, the midpoint
+      space): ``A(x) = x + u_f(x)`` maps midpoint points into the fixed image, ``B(x) = x + u_m(x)``
+      into the moving image *before* the linear ``init`` (so the moving image is read at
+      ``init(B(x))``). Vectors are world LPS mm, ``(1, dim, *S_field)``, channels (x, y[, z]).
+    * One iteration: pull both images to the midpoint (``F o A``, ``M o init o B``), take the
+      metric's derivative with respect to the two midpoint images (the pointwise CC force for
+      LNCC, autograd for other metrics), multiply by the spatial gradients of the midpoint images
+      (world mm), average onto the field grid, Gaussian-smooth the two forces (``grad_sigma``),
+      scale each so its longest vector is ``step``, and compose: ``A <- A o (id + d_f)``,
+      ``B <- B o (id + d_m)``. Small smooth updates composed this way keep both maps
+      diffeomorphic; ``field_sigma`` also smooths the total fields. ``step`` and the sigmas are in
+      voxels of the level's *image* grid (ANTs' convention), whatever the field grid.
+    * The full fixed->moving mapping is ``init o B o A^-1`` and its inverse ``A o B^-1 o init^-1``;
+      the inverses of ``A`` and ``B`` are computed once at the end by fixed-point iteration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medreg.core.grid import Grid
+from medreg.core.sampling import sample
+from medreg.deformable.fields import (
+    compose_displacements,
+    identity_norm,
+    invert_displacement,
+    norm_offsets,
+    resample_field,
+)
+from medreg.deformable.filters import gaussian_smooth
+from medreg.deformable.metrics import lncc_force
+from medreg.deformable.optimize import (
+    LevelResult,
+    MovingWarper,
+    SolverOptions,
+    Upsampler,
+    converged,
+    same_extent,
+)
+from medreg.deformable.pyramid import Level
+from medreg.engine.threads import threads_for
+from medreg.transforms.base import Transform
+
+Metric = Callable[..., torch.Tensor]
+
+
+def world_gradient(image: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Central-difference gradient of ``(1, 1, *S)`` in world mm -> ``(1, dim, *S)``.
+
+    Convention: index axis ``a`` runs along world direction ``D[:, a]`` with spacing ``s_a``, so
+    ``grad_world = D @ (df/ds_a)_a``; channels are world (x, y[, z]); one-sided at the borders.
+    """
+    d = grid.ndim
+    sp = [float(s) for s in grid.spacing]
+    parts = [torch.gradient(image[0, 0], spacing=sp[a], dim=d - 1 - a, edge_order=1)[0]
+             for a in range(d)]  # derivative along index axis a (coordinate order)
+    g = torch.stack(parts)  # (dim_index, *S)
+    dmat = np.asarray(grid.direction_matrix)
+    if np.allclose(dmat, np.eye(d), atol=1e-9):
+        return g[None]
+    m = torch.as_tensor(dmat, dtype=g.dtype, device=g.device)
+    return torch.einsum("ja,a...->j...", m, g)[None]
+
+
+class _Resizer:
+    """Fields between a level's image grid and its (same-extent, coarser) field grid."""
+
+    def __init__(self, field_grid: Grid, grid: Grid) -> None:
+        self.up = Upsampler(field_grid, grid)
+        self.field_grid, self.grid = field_grid, grid
+        self.same = self.up.same
+        self.aligned = same_extent(field_grid, grid)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """``(1, C, *S_image)`` -> ``(1, C, *S_field)`` by area averaging (resampling otherwise)."""
+        if self.same:
+            return x
+        if self.aligned:
+            return F.adaptive_avg_pool3d(x, self.field_grid.shape) if x.ndim == 5 else \
+                F.adaptive_avg_pool2d(x, self.field_grid.shape)
+        return resample_field(x, self.grid, self.field_grid)
+
+
+class GreedySyN:
+    """Parametrization and one-iteration update of greedy symmetric SyN (module docstring).
+
+    Args:
+        metric: ``loss(fixed, warped, mask)``, differentiable in both images.
+        init: the incoming fixed->moving transform (applied after ``B``) or ``None``.
+    """
+
+    smooth = False  # the solver below smooths; coarse_to_fine must not
+
+    def __init__(self, metric: Metric, init: Transform | None, *,
+                 cc_window: int | None = None) -> None:
+        self.metric, self.init, self.cc_window = metric, init, cc_window
+        self._level: Level | None = None
+
+    def _cache(self, level: Level) -> None:
+        if self._level is not level:
+            self._level = level
+            self.warper = MovingWarper(level, init=self.init)
+            self.resize = _Resizer(level.field_grid, level.grid)
+            self.ident_image = identity_norm(level.grid)
+            self.ident_field = identity_norm(level.field_grid)
+
+    def initial(self, level: Level) -> list[torch.Tensor]:
+        """Two zero fields ``(1, dim, *S_field)`` (``u_f``, ``u_m``)."""
+        z = torch.zeros(1, level.grid.ndim, *level.field_grid.shape)
+        return [z, z.clone()]
+
+    def upsample(self, params: list[torch.Tensor], old: Level, new: Level
+                 ) -> list[torch.Tensor]:
+        """Carry both fields to the next level's field grid (vectors stay in mm)."""
+        return [resample_field(p, old.field_grid, new.field_grid) for p in params]
+
+    def midpoint_images(self, level: Level, params: Sequence[torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``F o A`` and ``M o init o B`` on the level's image grid, each ``(1, 1, *S)``."""
+        self._cache(level)
+        u_f, u_m = (self.resize.up(p) for p in params)
+        fixed = sample(level.fixed.batch, self.ident_image + norm_offsets(u_f, level.grid),
+                       padding="border")
+        return fixed, self.warper(u_m)
+
+    def forces(self, level: Level, params: Sequence[torch.Tensor]
+               ) -> tuple[float, list[torch.Tensor]]:
+        """Loss and the two descent directions' raw forces ``(1, dim, *S_field)`` (mm^-1).
+
+        The force on ``u_f`` is ``dL/d(F o A) * grad(F o A)``: the derivative of the loss for a
+        displacement ``d`` composed as ``A o (id + d)``; likewise for ``u_m``. With
+        ``cc_window`` set, ``dL/d(F o A)`` is the pointwise CC force of
+        :func:`~medreg.deformable.metrics.lncc_force` (ANTs' and DIPY's), else autograd's.
+        """
+        fixed, moving = self.midpoint_images(level, params)
+        if self.cc_window is not None:
+            loss, g_f, g_m = lncc_force(fixed, moving, level.mask, self.cc_window)
+        else:
+            fixed.requires_grad_(True)
+            moving.requires_grad_(True)
+            loss = self.metric(fixed, moving, level.mask)
+            g_f, g_m = torch.autograd.grad(loss, (fixed, moving))
+        out = []
+        for img, g in ((fixed, g_f), (moving, g_m)):
+            out.append(self.resize.down(g * world_gradient(img.detach(), level.grid)))
+        return float(loss.detach()), out
+
+    def step(self, level: Level, params: list[torch.Tensor], opts: SolverOptions) -> float:
+        """One greedy iteration; ``params`` are replaced in place. Returns the loss before it."""
+        loss, forces = self.forces(level, params)
+        ratio = np.asarray(level.grid.spacing) / np.asarray(level.field_grid.spacing)
+        step_mm = opts.lr * float(np.mean(level.grid.spacing))
+        for i, force in enumerate(forces):
+            if opts.grad_sigma > 0:
+                force = gaussian_smooth(force, tuple(opts.grad_sigma * ratio))
+            longest = float(force.pow(2).sum(1).max().sqrt())
+            if longest <= 0:
+                continue
+            update = force * (-step_mm / longest)
+            new = compose_displacements(update, params[i], level.field_grid, self.ident_field)
+            if opts.field_sigma > 0:
+                new = gaussian_smooth(new, tuple(opts.field_sigma * ratio))
+            params[i] = new
+        return loss
+
+
+def solve_greedy_level(problem: GreedySyN, level: Level, params: list[torch.Tensor],
+                       iterations: int, opts: SolverOptions,
+                       callback: Callable[[int, float], None] | None = None) -> LevelResult:
+    """Greedy SyN iterations on one level (``params`` replaced in place), with a convergence stop.
+
+    Small levels run on one intra-op thread (:func:`medreg.engine.threads.threads_for`).
+    """
+    out = LevelResult(stop_reason=f"maximum iterations ({iterations})")
+    with torch.no_grad(), threads_for(level.grid.numel):
+        for it in range(iterations):
+            with torch.enable_grad():
+                loss = problem.step(level, params, opts)
+            out.history.append(loss)
+            out.iterations = it + 1
+            if callback is not None:
+                callback(it, loss)
+            if converged(out.history, opts):
+                out.stop_reason = (f"converged: loss change < {opts.tol:g} over {opts.window} "
+                                   "iterations")
+                break
+    return out
+
+
+def syn_mappings(u_f: torch.Tensor, u_m: torch.Tensor, field_grid: Grid, grid: Grid, *,
+                 iterations: int = 30, tol: float = 1e-2
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Forward ``B o A^-1`` and inverse ``A o B^-1`` displacements ``(1, dim, *S)`` on ``grid``.
+
+    Args:
+        u_f, u_m: ``(1, dim, *S_field)`` displacements of ``A`` and ``B`` on ``field_grid``.
+        grid: output grid (the fixed image grid).
+        iterations, tol: fixed-point inversion limits (``tol`` in mm, largest residual); the
+            inverses are computed on ``field_grid`` and interpolated.
+
+    Returns:
+        forward, inverse, and the inversion residuals (mm, max and mean of ``A^-1`` and
+        ``B^-1``) with their iteration counts.
+
+    Convention: both returned fields map points of ``grid``: the forward one into the moving
+    space before ``init``, the inverse one from that space back to the fixed space.
+    """
+    with torch.no_grad():
+        inv_f = invert_displacement(u_f, field_grid, iterations=iterations, tol=tol)
+        inv_m = invert_displacement(u_m, field_grid, iterations=iterations, tol=tol)
+        up = Upsampler(field_grid, grid)
+        u_f, u_m, w_f, w_m = (up(x) for x in (u_f, u_m, inv_f.displacement, inv_m.displacement))
+        ident = identity_norm(grid)
+        forward = compose_displacements(w_f, u_m, grid, ident)
+        backward = compose_displacements(w_m, u_f, grid, ident)
+    report = {f"{name}_{key}": float(getattr(res, attr))
+              for name, res in (("inverse_a", inv_f), ("inverse_b", inv_m))
+              for key, attr in (("residual_max_mm", "residual_max"),
+                                ("residual_mean_mm", "residual_mean"),
+                                ("iterations", "iterations"))}
+    return forward, backward, report
