@@ -65,7 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", type=_floats, help="pyramid shrink factors, e.g. 4,2,1")
     p.add_argument("--iterations", type=_ints, help="iterations per level, e.g. 60,40,25")
     p.add_argument("--optimizer", choices=["adam", "lbfgs", "gd"])
-    p.add_argument("--samples", type=int, help="fixed points per level (0 = every voxel)")
+    p.add_argument("--samples", type=int,
+                   help="fixed points per iteration (stochastic linear schedule, the default "
+                        "for point metrics) or per level (0 = every voxel; "
+                        "--option stochastic=false for one fixed set per level)")
     p.add_argument("--bins", type=int, help="histogram bins for mi/nmi")
     p.add_argument("--model", help="features/phase/landmarks model "
                                    "(translation|rigid|similarity|affine|homography|tps)")
