@@ -202,8 +202,9 @@ def syn_mappings(u_f: torch.Tensor, u_m: torch.Tensor, field_grid: Grid, grid: G
     Args:
         u_f, u_m: ``(1, dim, *S_field)`` displacements of ``A`` and ``B`` on ``field_grid``.
         grid: output grid (the fixed image grid).
-        iterations, tol: fixed-point inversion limits (``tol`` in mm, largest residual); the
-            inverses are computed on ``field_grid`` and interpolated.
+        iterations, tol: fixed-point inversion limits (``tol`` in mm, largest residual).
+            Inverses and compositions are computed on ``field_grid``, the results interpolated
+            (linearly, border repeated) onto ``grid``.
 
     Returns:
         forward, inverse, and the inversion residuals (mm, max and mean of ``A^-1`` and
@@ -215,11 +216,11 @@ def syn_mappings(u_f: torch.Tensor, u_m: torch.Tensor, field_grid: Grid, grid: G
     with torch.no_grad():
         inv_f = invert_displacement(u_f, field_grid, iterations=iterations, tol=tol)
         inv_m = invert_displacement(u_m, field_grid, iterations=iterations, tol=tol)
-        up = Upsampler(field_grid, grid)
-        u_f, u_m, w_f, w_m = (up(x) for x in (u_f, u_m, inv_f.displacement, inv_m.displacement))
-        ident = identity_norm(grid)
-        forward = compose_displacements(w_f, u_m, grid, ident)
-        backward = compose_displacements(w_m, u_f, grid, ident)
+        ident = identity_norm(field_grid)
+        forward = compose_displacements(inv_f.displacement, u_m, field_grid, ident)
+        backward = compose_displacements(inv_m.displacement, u_f, field_grid, ident)
+        up = Upsampler(field_grid, grid)  # the composed fields are as smooth as their parts
+        forward, backward = up(forward), up(backward)
     report = {f"{name}_{key}": float(getattr(res, attr))
               for name, res in (("inverse_a", inv_f), ("inverse_b", inv_m))
               for key, attr in (("residual_max_mm", "residual_max"),
