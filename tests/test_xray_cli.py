@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,28 +82,45 @@ def test_cli_register_bad_input(tmp_path, capsys):
     assert rc == 2 and "not a prepared patient" in capsys.readouterr().err
 
 
-def test_cli_register_auto_reports_failed_initialization(tmp_path, capsys):
-    """An untrained network gives no confident landmarks: a reported failure, never a pose."""
+def _untrained_patient(tmp_path, g: CArmGeometry) -> Path:
+    """A patient folder with random landmarks and an untrained network on detector ``g``."""
     from medreg.xray.landmarks import NAMES, save_landmarks
     from medreg.xray.network import LandmarkNet, save_model
 
     ct = tmp_path / "ct.nii.gz"
     _phantom(ct)
-    g = CArmGeometry(width=64, height=48, pixel_size=2.4)
     patient = tmp_path / "patient"
     patient.mkdir()
-    rng = np.random.default_rng(0)
-    save_landmarks(patient / "landmarks.csv", rng.normal(0, 20, (23, 3)))
+    save_landmarks(patient / "landmarks.csv", np.random.default_rng(0).normal(0, 20, (23, 3)))
     torch.manual_seed(0)
     save_model(patient / "model.pt", LandmarkNet(23, 4),
                {"names": list(NAMES), "geometry": g.to_dict()})
     (patient / "patient.json").write_text(json.dumps(
         {"ct": str(ct), "geometry": g.to_dict(), "landmarks": "landmarks.csv",
          "model": "model.pt", "isocenter": [0.0, 0.0, 0.0]}))
-    np.save(tmp_path / "x.npy", rng.random((48, 64)).astype(np.float32))
+    return patient
+
+
+def test_cli_register_auto_reports_failed_initialization(tmp_path, capsys):
+    """An untrained network gives no confident landmarks: a reported failure, never a pose."""
+    g = CArmGeometry(width=64, height=48, pixel_size=2.4)
+    patient = _untrained_patient(tmp_path, g)
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).random((48, 64)).astype(np.float32))
     out = tmp_path / "out"
     rc = main(["xray", "register", str(tmp_path / "x.npy"), "--patient", str(patient),
                "-o", str(out)])
     assert rc == 2 and "automatic initialization failed" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["message"] and not (out / "pose.json").exists()
+
+
+def test_cli_register_auto_rejects_a_detector_the_network_was_not_trained_for(tmp_path, capsys):
+    g = CArmGeometry(width=64, height=48, pixel_size=2.4)
+    patient = _untrained_patient(tmp_path, g)
+    other = CArmGeometry(width=64, height=48, pixel_size=3.0)  # same pixels, larger detector
+    other.save(tmp_path / "other.json")
+    np.save(tmp_path / "x.npy", np.zeros((48, 64), np.float32))
+    rc = main(["xray", "register", str(tmp_path / "x.npy"), "--patient", str(patient),
+               "--geometry", str(tmp_path / "other.json"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not match the network" in err, err

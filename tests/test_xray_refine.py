@@ -86,6 +86,10 @@ def test_bobyqa_ncc_recovers_pose_on_real_chest_ct(chest):
         refine_pose(xray[0, 0], pyramid, dataclasses.replace(g, sid=850.0), start)
     with pytest.raises(MedregError, match="levels"):
         refine_pose(xray[0, 0], pyramid, g, start, levels=(Level(1.0, 5.0, 1.0, 5),))
+    inside = gt.copy()
+    inside[2, 3] -= g.sid  # the source at the isocentre: half the CT behind it
+    with pytest.raises(MedregError, match="behind the X-ray source"):
+        refine_pose(xray[0, 0], pyramid, g, inside)
 
 
 def test_adam_recovers_translation_on_blob_phantom():

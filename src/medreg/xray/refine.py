@@ -29,7 +29,7 @@ from medreg.engine.threads import threads_for
 from medreg.errors import MedregError
 from medreg.transforms.rotations import rotation_3d
 from medreg.xray.drr import DRRRenderer, attenuation_volume, crop_to_body
-from medreg.xray.geometry import CArmGeometry, check_pose
+from medreg.xray.geometry import CArmGeometry, check_pose, project
 from medreg.xray.similarity import Metric, get_metric
 
 
@@ -137,7 +137,8 @@ class PyramidLevel:
 
     @property
     def work(self) -> int:
-        """Trilinear samples per render (rays x depth samples), for the thread choice."""
+        """Upper bound of the trilinear samples per render (rays x samples per ray): the work
+        size that picks the thread count (:func:`medreg.engine.threads.threads_for`)."""
         return self.geometry.width * self.geometry.height * self.renderer.samples_per_ray()
 
 
@@ -251,7 +252,7 @@ def refine_pose(xray: Image | np.ndarray | torch.Tensor, ct: Image | Pyramid,
     pyramid = _pyramid(ct, geometry, levels)
     c = pyramid.center if center is None else np.asarray(center, float)
     bounds = np.array([np.deg2rad(max_rotation_deg) * radius] * 3 + [max_translation_mm] * 3)
-    search = _Search(torch.as_tensor(check_pose(pose0, "initial pose")), torch.as_tensor(c),
+    search = _Search(torch.as_tensor(_check_in_front(pyramid, pose0)), torch.as_tensor(c),
                      radius, bounds)
     xrays = [shrink(x, geometry, st.level.detector_factor) for st in pyramid.stages]
     last = pyramid.stages[-1]
@@ -270,6 +271,18 @@ def refine_pose(xray: Image | np.ndarray | torch.Tensor, ct: Image | Pyramid,
     pose = search.pose(torch.as_tensor(xk)).numpy()
     return RefineResult(pose, float(val), first, sum(h["evaluations"] for h in history),
                         time.perf_counter() - t_start, history, time.process_time() - c_start)
+
+
+def _check_in_front(pyramid: Pyramid, pose0: np.ndarray) -> np.ndarray:
+    """Validate the initial pose: a rigid ``(4, 4)`` matrix with the whole (cropped) CT in front
+    of the source. Raises :class:`MedregError` otherwise; returns the pose as float64."""
+    pose = check_pose(pose0, "initial pose")
+    grid = pyramid.stages[0].renderer.grid
+    hi = np.asarray(grid.size, float) - 1.0
+    corners = np.array([[x, y, z] for x in (0.0, hi[0]) for y in (0.0, hi[1])
+                        for z in (0.0, hi[2])])
+    project(grid.index_to_world(corners), pose, pyramid.geometry)  # raises when behind
+    return pose
 
 
 def _pyramid(ct: Image | Pyramid, geometry: CArmGeometry,
