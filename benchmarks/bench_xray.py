@@ -67,6 +67,28 @@ def bench_medreg(repeats: int) -> list[dict]:
     return rows
 
 
+def bench_refine_levels(repeats: int) -> list[dict]:
+    """Render time of each default refinement level (120x94 X-ray geometry, AP pose)."""
+    from medreg.io.images import read_image
+    from medreg.xray.drr import render_reference
+    from medreg.xray.geometry import CArmGeometry, canonical_pose
+    from medreg.xray.refine import Pyramid
+
+    ct = read_image(CT, dtype=torch.float32)
+    g = CArmGeometry(sdd=SDD, sid=SID, width=120, height=94, pixel_size=3.2)
+    pose = canonical_pose(ct.grid.center(), g)
+    rows = []
+    for stage in Pyramid(ct, g).stages:
+        lg, lv = stage.geometry, stage.level
+        ref = render_reference(ct, lg, pose, step=0.25, supersample=1)
+        with torch.no_grad():
+            sec, img = _time(lambda r=stage.renderer: r(pose), repeats)
+        rows.append({"tool": "medreg", "mode": f"refine level, {lv.voxel_mm:g} mm CT, "
+                     f"step x{lv.step_factor:g}", "detector": f"{lg.width}x{lg.height}",
+                     "seconds": sec, "rel_rms_vs_own_reference": _rel_rms(img, ref)})
+    return rows
+
+
 def bench_diffdrr(repeats: int) -> list[dict]:
     from diffdrr.data import read
     from diffdrr.drr import DRR
@@ -131,13 +153,13 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = bench_medreg(args.repeats)
+    rows = bench_medreg(args.repeats) + bench_refine_levels(args.repeats)
     if not args.skip_diffdrr:
         rows += bench_diffdrr(args.repeats)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"{'tool':8s} {'mode':28s} {'detector':9s} {'ms':>9s} {'rel RMS':>8s}")
+    print(f"{'tool':8s} {'mode':36s} {'detector':9s} {'ms':>9s} {'rel RMS':>8s}")
     for r in rows:
-        print(f"{r['tool']:8s} {r['mode']:28s} {r['detector']:9s} {1000 * r['seconds']:9.1f} "
+        print(f"{r['tool']:8s} {r['mode']:36s} {r['detector']:9s} {1000 * r['seconds']:9.1f} "
               f"{r['rel_rms_vs_own_reference']:8.5f}")
     out = {"threads": args.threads, "torch": torch.__version__, "rows": rows}
     if args.patient:
