@@ -13,8 +13,9 @@ Every tool runs in its own subprocess limited to 2 threads; its result is turned
 fixed->moving displacement field on the fixed grid (ITK convention, LPS mm), which the parent
 scores identically for everyone: mean / 95th percentile of ``|T(x) - exp(v)(x)|`` over the AAL
 brain voxels, mean AAL Dice (fixed labels vs the 1 mm moving labels pulled through ``T``),
-% of voxels with ``det J <= 0`` in the brain, wall time of the registration call (reading and
-writing excluded), CPU time of the child, and its peak RSS (imports included).
+% of voxels with ``det J <= 0`` in the brain, wall and CPU time of the registration call
+(reading and writing excluded; CPU summed over threads), CPU time of the whole child and its
+peak RSS (imports included).
 
 Conventions of the peers (verified by the recovered error, which would be of the order of the
 true displacement were a sign or axis flip wrong):
@@ -80,15 +81,18 @@ def build_case(root: Path, resolution: float, seed: int = 1) -> Path:
 
 
 # --------------------------------------------------------------------------- peers (child)
-_T0: list[float] = []
+_T0: list[tuple[float, float]] = []
+_CPU: list[float] = []  # process CPU seconds of the registration call (all threads)
 
 
 def _start() -> None:
-    _T0.append(time.perf_counter())
+    _T0.append((time.perf_counter(), time.process_time()))
 
 
 def _stop() -> float:
-    return time.perf_counter() - _T0[-1]
+    wall0, cpu0 = _T0[-1]
+    _CPU.append(time.process_time() - cpu0)
+    return time.perf_counter() - wall0
 
 
 def run_medreg(case: Path, out: Path, stage: str) -> float:
@@ -201,7 +205,8 @@ def child_main(peer: str, case: Path, out: Path) -> int:
     took = RUNNERS[peer](case, out / "field.nii.gz")
     ru = resource.getrusage(resource.RUSAGE_SELF)
     (out / "result.json").write_text(json.dumps(dict(
-        seconds=took, cpu_seconds=ru.ru_utime + ru.ru_stime, peak_rss_mb=ru.ru_maxrss / 1024)))
+        seconds=took, call_cpu_seconds=_CPU[-1] if _CPU else None,
+        cpu_seconds=ru.ru_utime + ru.ru_stime, peak_rss_mb=ru.ru_maxrss / 1024)))
     return 0
 
 
@@ -211,6 +216,7 @@ def thread_env() -> dict[str, str]:
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                 "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMBA_NUM_THREADS"):
         env[key] = THREADS
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
     return env
 
 
@@ -218,6 +224,7 @@ def run_peer(peer: str, case: Path, timeout: float, work: Path) -> dict:
     out = work / peer
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--child", peer, str(case), str(out)]
+    load = os.getloadavg()[0]  # other users' jobs inflate wall times; recorded with each row
     try:
         proc = subprocess.run(cmd, env=thread_env(), timeout=timeout, capture_output=True,
                               text=True)
@@ -228,7 +235,8 @@ def run_peer(peer: str, case: Path, timeout: float, work: Path) -> dict:
         return dict(peer=peer, error=f"exit {proc.returncode}: " + (lines[-1][:200] if lines
                                                                      else "no message"))
     return dict(peer=peer, **json.loads((out / "result.json").read_text()),
-                field=str(out / "field.nii.gz"))
+                field=str(out / "field.nii.gz"), load_before=load,
+                load_after=os.getloadavg()[0])
 
 
 def evaluate(case: Path, field_path: Path) -> dict:
@@ -278,16 +286,19 @@ def identity_scores(case: Path, work: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| tool | mean error (mm) | p95 (mm) | AAL Dice | folded % | SD log J | wall (s) "
-            "| CPU (s) | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| CPU call (s) | CPU process (s) | peak RSS (MB) | load before/after |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['peer']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['peer']} | {r['error']} | | | | | | | | | |")
             continue
         lines.append(f"| {r['peer']} | {r['error_mm']:.3f} | {r['error_p95_mm']:.2f} | "
                      f"{r['dice']:.3f} | {r['folding_percent']:.4f} | "
                      f"{r['std_log_jacobian']:.3f} | {r.get('seconds', 0):.1f} | "
-                     f"{r.get('cpu_seconds', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} |")
+                     f"{r.get('call_cpu_seconds') or 0:.1f} | {r.get('cpu_seconds', 0):.1f} | "
+                     f"{r.get('peak_rss_mb', 0):.0f} | {r.get('load_before', 0):.1f} / "
+                     f"{r.get('load_after', 0):.1f} |")
     return head + "\n".join(lines)
 
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medreg.core.axes import channels_to_vectors
 from medreg.core.grid import Grid
 from medreg.core.sampling import sample
 from medreg.deformable.fields import (
     compose_displacements,
     identity_norm,
     invert_displacement,
-    norm_offsets,
     resample_field,
 )
 from medreg.deformable.filters import gaussian_smooth
@@ -88,6 +88,32 @@ class _Resizer:
         return resample_field(x, self.grid, self.field_grid)
 
 
+class _Puller:
+    """``image(L(x + u(x)))`` on a level grid for a fixed->image linear map ``L`` (identity or
+    ``init``), with ``u`` given on the (coarser) field grid.
+
+    Convention: normalized sampling points are ``base(x) + N u(x)`` with ``base = norm_from_world
+    o L`` at the level's voxel centres and ``N`` its linear part; ``N u`` is formed on the field
+    grid and then upsampled (interpolation commutes with the constant matrix), which saves a
+    full-resolution matrix product per iteration.
+    """
+
+    def __init__(self, image: torch.Tensor, image_grid: Grid, level_grid: Grid,
+                 resize: _Resizer, matrix: np.ndarray | None = None) -> None:
+        d = level_grid.ndim
+        m = np.asarray(image_grid.norm_from_world) @ (np.eye(d + 1) if matrix is None else matrix)
+        self.image, self.resize = image, resize
+        self.lin = torch.as_tensor(m[:d, :d], dtype=torch.float32)
+        pts = level_grid.world_points(torch.float64)
+        self.base = (pts @ torch.as_tensor(m[:d, :d]).T + torch.as_tensor(m[:d, d]))[None].float()
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """``(1, dim, *S_field)`` mm -> ``(1, C, *S_level)`` pulled image."""
+        offsets = torch.einsum("ij,bj...->bi...", self.lin, u)
+        moved = self.base + channels_to_vectors(self.resize.up(offsets))
+        return sample(self.image, moved, padding="border")
+
+
 class GreedySyN:
     """Parametrization and one-iteration update of greedy symmetric SyN (module docstring).
 
@@ -106,10 +132,17 @@ class GreedySyN:
     def _cache(self, level: Level) -> None:
         if self._level is not level:
             self._level = level
-            self.warper = MovingWarper(level, init=self.init)
             self.resize = _Resizer(level.field_grid, level.grid)
-            self.ident_image = identity_norm(level.grid)
             self.ident_field = identity_norm(level.field_grid)
+            self.pull_fixed = _Puller(level.fixed.batch, level.grid, level.grid, self.resize)
+            if self.init is None or self.init.is_linear:
+                lin = None if self.init is None else \
+                    self.init.matrix().detach().to(torch.float64).cpu().numpy()
+                self.pull_moving = _Puller(level.moving.batch.float(), level.moving.grid,
+                                           level.grid, self.resize, lin)
+            else:  # a dense init: sample through it at full resolution
+                warper = MovingWarper(level, init=self.init)
+                self.pull_moving = lambda u: warper(self.resize.up(u))
 
     def initial(self, level: Level) -> list[torch.Tensor]:
         """Two zero fields ``(1, dim, *S_field)`` (``u_f``, ``u_m``)."""
@@ -125,10 +158,7 @@ class GreedySyN:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``F o A`` and ``M o init o B`` on the level's image grid, each ``(1, 1, *S)``."""
         self._cache(level)
-        u_f, u_m = (self.resize.up(p) for p in params)
-        fixed = sample(level.fixed.batch, self.ident_image + norm_offsets(u_f, level.grid),
-                       padding="border")
-        return fixed, self.warper(u_m)
+        return self.pull_fixed(params[0]), self.pull_moving(params[1])
 
     def forces(self, level: Level, params: Sequence[torch.Tensor]
                ) -> tuple[float, list[torch.Tensor]]:

@@ -30,6 +30,21 @@ def estimate_bytes(fixed: Grid, moving: Grid, field: Grid, *, n_fields: int = 1,
     return int((img + fld + up) * dtype_bytes)
 
 
+def estimate_greedy_bytes(fixed: Grid, moving: Grid, field: Grid, *,
+                          dtype_bytes: int = 4) -> int:
+    """Rough peak of one finest-level greedy SyN iteration (no autograd graph).
+
+    Counted: the moving image, on the level grid the two midpoint images, the five-channel box
+    statistics with their padded copy and the force terms (~16 image-sized tensors), the two
+    upsampled fields, sampling points, gradients and forces (~5 x dim); on the field grid the
+    two fields with update, composition and smoothing buffers (~5 x dim each).
+    """
+    d = fixed.ndim
+    img = (16 + 5 * d) * fixed.numel + moving.numel
+    fld = 2 * 5 * d * field.numel
+    return int((img + fld) * dtype_bytes)
+
+
 def peak_bytes(device: str | torch.device = "cpu") -> int:
     """Peak memory so far: CUDA allocator peak on a GPU, else the process max RSS."""
     if torch.device(device).type == "cuda":

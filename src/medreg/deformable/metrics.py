@@ -26,6 +26,20 @@ def _wmean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1e-12)
 
 
+def _inside_fraction(shape: tuple[int, ...], window: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """``(1, 1, *S)`` fraction of each centred box inside the image (separable outer product)."""
+    r = window // 2
+    out = torch.ones((), dtype=dtype, device=device)
+    for axis, n in enumerate(shape):
+        i = torch.arange(n, device=device)
+        count = (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(dtype) / window
+        view = [1] * len(shape)
+        view[axis] = n
+        out = out * count.reshape(view)
+    return out[None, None]
+
+
 def _lncc_terms(fixed: torch.Tensor, warped: torch.Tensor, window: int, eps: float,
                 inside: bool = False) -> tuple[torch.Tensor, ...]:
     """Local means, covariance and variances over ``window``^dim boxes (one batched filter).
@@ -36,8 +50,7 @@ def _lncc_terms(fixed: torch.Tensor, warped: torch.Tensor, window: int, eps: flo
     stats = box_mean(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped],
                                dim=1), window)
     if inside:
-        ones = torch.ones((1, 1, *fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
-        stats = stats / box_mean(ones, window)
+        stats = stats / _inside_fraction(fixed.shape[2:], window, fixed.dtype, fixed.device)
     mf, mw, ff, ww, fw = stats.split(c, dim=1)
     cov = fw - mf * mw
     vf = (ff - mf * mf).clamp_min(0)
@@ -113,17 +126,25 @@ def lncc_force(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | N
     Returns:
         ``(loss, force_f, force_w)``: scalar, and two ``(N, C, *S)`` tensors (no graph).
     """
-    with torch.no_grad():
-        mf, mw, cov, vf, vw, den = _lncc_terms(fixed, warped, window, eps, inside=True)
-        cc2 = cov * cov / den
-        a = 2 * cov / den
+    with torch.no_grad():  # in-place arithmetic: this runs once per greedy iteration
+        c = fixed.shape[1]
+        stats = box_mean(torch.cat([fixed, warped, fixed * fixed, warped * warped,
+                                    fixed * warped], dim=1), window)
+        stats.div_(_inside_fraction(fixed.shape[2:], window, fixed.dtype, fixed.device))
+        mf, mw, vf, vw, cov = stats.split(c, dim=1)
+        vf.addcmul_(mf, mf, value=-1).clamp_(min=0)
+        vw.addcmul_(mw, mw, value=-1).clamp_(min=0)
+        cov.addcmul_(mf, mw, value=-1)
+        t = cov / (vf * vw).add_(eps)  # A / (BC + eps)
+        loss = -_wmean(t * cov, mask)
         fc, wc = fixed - mf, warped - mw
-        force_w = -a * (fc - cov * vf / den * wc)
-        force_f = -a * (wc - cov * vw / den * fc)
+        force_w = (t * vf).mul_(wc).sub_(fc).mul_(t).mul_(2)  # -2t (f' - t B w')
+        force_f = (t * vw).mul_(fc).sub_(wc).mul_(t).mul_(2)
         if mask is not None:
             m = mask.to(fixed.dtype)
-            force_w, force_f = force_w * m, force_f * m
-        return -_wmean(cc2, mask), force_f, force_w
+            force_w.mul_(m)
+            force_f.mul_(m)
+        return loss, force_f, force_w
 
 
 def lncc_reference(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,

@@ -64,12 +64,15 @@ class Level:
 
 
 def build_levels(fixed: Image, moving: Image, factors: tuple[float, ...], *,
-                 field_factor: float = 1.0, mask: Image | None = None) -> list[Level]:
+                 field_factor: float = 1.0, mask: Image | None = None,
+                 relative_fields: bool = False) -> list[Level]:
     """Coarse-to-fine levels for ``factors`` (e.g. ``(4, 2, 1)``).
 
     Args:
         field_factor: fields live on the fixed grid downsampled by ``max(f, field_factor)``
-            (a coarser velocity grid is smooth anyway and integrates several times faster).
+            (a coarser velocity grid is smooth anyway and integrates several times faster),
+            or by ``f * field_factor`` with ``relative_fields`` (every level's fields
+            ``field_factor`` times coarser than its images).
     """
     if not factors or any(f < 1 for f in factors):
         raise MedregError(f"pyramid factors must be >= 1, got {list(factors)}")
@@ -85,5 +88,6 @@ def build_levels(fixed: Image, moving: Image, factors: tuple[float, ...], *,
         mk = None
         if mask is not None:
             mk = resample(mask.float(), fx.grid, interpolation="linear").tensor[None]
-        levels.append(Level(float(f), fx, mv, mk, fixed.grid.downsample(max(f, field_factor))))
+        ff = f * field_factor if relative_fields else max(f, field_factor)
+        levels.append(Level(float(f), fx, mv, mk, fixed.grid.downsample(ff)))
     return levels

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from medreg.deformable.greedy import GreedySyN, solve_greedy_level, syn_mappings
-from medreg.deformable.memory import estimate_bytes, peak_bytes
+from medreg.deformable.memory import estimate_bytes, estimate_greedy_bytes, peak_bytes
 from medreg.deformable.metrics import get_deformable_metric
 from medreg.deformable.optimize import LevelResult, SolverOptions, coarse_to_fine, solve_level
 from medreg.deformable.problems import BSplineProblem, SVFProblem
@@ -43,7 +43,7 @@ _COMMON = dict(levels=(4.0, 2.0, 1.0), iterations=(100, 60, 30), tol=1e-4, windo
                metric=None)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "svf": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
-    "syn": dict(levels=(4.0, 2.0, 1.0), iterations=(100, 20, 8), tol=1e-4, window=5,
+    "syn": dict(levels=(4.0, 2.0, 1.0), iterations=(100, 20, 6), tol=1e-4, window=5,
                 metric=None, step=0.25, grad_sigma=3.0, field_sigma=0.5, field_factor=2.0),
     "bspline": dict(_COMMON, lr=0.05, grad_sigma=0.0, field_sigma=0.0, field_factor=2.0,
                     steps=0, spacing=12.0, bending=0.0, folding=10.0),
@@ -101,7 +101,7 @@ def _setup(ctx: StageContext, kind: str, n_fields: int) -> _Setup:
     metric = get_deformable_metric(name, **({"window": cfg["window"]}
                                             if name.lower() in ("lncc", "cc") else {}))
     levels = build_levels(ctx.fixed, ctx.moving, cfg["levels"], field_factor=cfg["field_factor"],
-                          mask=ctx.fixed_mask)
+                          mask=ctx.fixed_mask, relative_fields=kind == "syn")
     weights = RegularizerWeights(**{k: cfg.get(k, 0.0) for k in (
         "diffusion", "bending", "elastic", "tv", "folding", "mu", "lam")})
     solver = SolverOptions(iterations=cfg["iterations"], lr=cfg.get("lr", cfg.get("step")),
@@ -161,6 +161,8 @@ def run_syn_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
     field on the fixed grid, the inverse ``A o B^-1`` composed with ``init^-1``.
     """
     setup = _setup(ctx, "syn", 2)
+    last = setup.levels[-1]
+    setup.estimate = estimate_greedy_bytes(last.grid, last.moving.grid, last.field_grid)
     name = (setup.cfg["metric"] or ctx.metric).lower()
     problem = GreedySyN(setup.metric, init,
                         cc_window=setup.cfg["window"] if name in ("lncc", "cc") else None)
