@@ -20,7 +20,7 @@ from medreg.xray.geometry import (
     project,
     to_camera,
 )
-from medreg.xray.refine import Level, Pyramid, refine_pose, xray_tensor
+from medreg.xray.refine import Level, Pyramid, bin_xray, refine_pose, xray_tensor
 from medreg.xray.similarity import gradncc, lncc, ncc
 from tests.conftest import SHARED, need
 
@@ -46,6 +46,25 @@ def test_xray_size_must_match_geometry():
     with pytest.raises(MedregError, match="unknown X-ray metric"):
         refine_pose(np.zeros((30, 40)), Image(torch.zeros(1, 4, 4, 4), Grid((4, 4, 4))), g,
                     np.eye(4), metric="mi")
+
+
+def test_binned_detector_is_exact_block_averaging():
+    g = CArmGeometry(width=120, height=94, pixel_size=3.2)
+    b, (r0, c0) = g.binned(4)
+    assert (b.width, b.height, b.pixel_size, r0, c0) == (30, 23, 12.8, 1, 0)
+    # an image whose pixels hold their own (u, v) bins to the binned pixel centres' (u, v)
+    v, u = torch.meshgrid(torch.arange(94.0), torch.arange(120.0), indexing="ij")
+    ub, vb = (bin_xray(t[None, None], 4, b, (r0, c0))[0, 0] for t in (u, v))
+    jb, ib = torch.meshgrid(torch.arange(23.0), torch.arange(30.0), indexing="ij")
+    torch.testing.assert_close(ub, (ib + 0.5) * 4 - 0.5 + c0)
+    torch.testing.assert_close(vb, (jb + 0.5) * 4 - 0.5 + r0)
+    # and the binned geometry projects world points onto those same centres
+    pose = canonical_pose(np.zeros(3), g)
+    pts = np.random.default_rng(0).normal(0, 80, (6, 3))
+    full, small = project(pts, pose, g), project(pts, pose, b)
+    np.testing.assert_allclose((small + 0.5) * 4 - 0.5 + [c0, r0], full, atol=1e-9)
+    with pytest.raises(MedregError, match="cannot bin"):
+        g.binned(60)
 
 
 def _errors(pose, gt, pts, g):
@@ -78,7 +97,7 @@ def test_bobyqa_ncc_recovers_pose_on_real_chest_ct(chest):
     assert tre < 2.0 and mpd < 1.0, (tre, mpd)
     assert res.similarity > res.initial_similarity
     assert res.evaluations <= 300
-    assert [h["detector"] for h in res.history] == [[30, 24], [60, 47]]
+    assert [h["detector"] for h in res.history] == [[30, 23], [60, 47]]
     # the CT itself gives the same result (the pyramid is built inside, deterministically)
     again = refine_pose(xray[0, 0], chest, g, start, metric="ncc")
     np.testing.assert_allclose(again.pose, res.pose, atol=1e-9)

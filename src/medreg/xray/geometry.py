@@ -88,6 +88,30 @@ class CArmGeometry:
                        cu=(self.cu + 0.5) * w / self.width - 0.5,
                        cv=(self.cv + 0.5) * h / self.height - 0.5)
 
+    def binned(self, k: int) -> tuple[CArmGeometry, tuple[int, int]]:
+        """The detector of ``k x k`` pixel binning, exactly, and where its crop starts.
+
+        Whole ``k x k`` blocks only: the central ``(W // k) * k`` columns and ``(H // k) * k``
+        rows are kept (an odd leftover pixel goes to the end), so a binned pixel is exactly the
+        mean of ``k x k`` original pixels (unlike :meth:`scaled`, whose rows may stretch when
+        ``H / k`` is not whole).
+
+        Returns:
+            ``(geometry, (row0, col0))``: the binned detector (pixels ``k`` times larger, same
+            physical positions) and the first original row and column of the crop.
+
+        Convention: pixel ``i`` of the binned detector covers original pixels
+        ``col0 + k i ... col0 + k i + k - 1``, so ``c' = (c - col0 + 0.5) / k - 0.5``.
+        """
+        k = int(k)
+        if k < 1 or self.width // k < 2 or self.height // k < 2:
+            raise MedregError(f"cannot bin the {self.width}x{self.height} detector by {k}")
+        w, h = self.width // k, self.height // k
+        col0, row0 = (self.width - w * k) // 2, (self.height - h * k) // 2
+        g = replace(self, width=w, height=h, pixel_size=self.pixel_size * k,
+                    cu=(self.cu - col0 + 0.5) / k - 0.5, cv=(self.cv - row0 + 0.5) / k - 0.5)
+        return g, (row0, col0)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

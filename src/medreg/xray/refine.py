@@ -5,8 +5,9 @@ Convention:
       frame about ``center`` (LPS mm) before being viewed by ``pose0``.
     * ``p`` is 6 *scaled* numbers ``[radius * rotvec (rad), t (mm)]``: with ``radius`` = 100 mm a
       unit step moves points about 1 mm everywhere, so BOBYQA's trust region is balanced.
-    * Coarse-to-fine: each level renders a smaller detector (``geometry.scaled(f)``) from a
-      coarser ``mu`` volume; the X-ray is area-averaged to the same detector.
+    * Coarse-to-fine: each level renders a binned detector (``geometry.binned(k)``: whole
+      ``k x k`` blocks of the central crop) from a coarser ``mu`` volume; the X-ray is
+      block-averaged to exactly the same pixels (:func:`bin_xray`).
     * Everything that depends only on the CT (``mu`` volumes, renderers) lives in a
       :class:`Pyramid`, built once per CT and geometry; :func:`refine_pose` times only the
       per-X-ray work.
@@ -38,7 +39,7 @@ class Level:
     """One pyramid level.
 
     Attributes:
-        detector_factor: detector shrink factor (``geometry.scaled(detector_factor)``).
+        detector_factor: detector binning (``geometry.binned(round(detector_factor))``).
         voxel_mm: ``mu`` voxel size (mm) of the level's volume.
         rhobeg: BOBYQA initial trust radius (scaled units ~ mm); Adam learning rate x 10.
         maxfun: most DRR renders (BOBYQA) or iterations (Adam) on this level.
@@ -127,13 +128,43 @@ def shrink(image: torch.Tensor, geometry: CArmGeometry, factor: float) -> torch.
     return F.adaptive_avg_pool2d(image, (g.height, g.width))
 
 
+def bin_xray(image: torch.Tensor, k: int, binned: CArmGeometry,
+             origin: tuple[int, int]) -> torch.Tensor:
+    """Block-average ``(1, 1, H, W)`` onto the detector of :meth:`CArmGeometry.binned` ``(k)``.
+
+    Args:
+        image: the X-ray on the full detector.
+        k: the binning factor.
+        binned, origin: what ``geometry.binned(k)`` returned.
+
+    Returns:
+        ``(1, 1, h, w)``: each pixel the mean of its ``k x k`` original pixels.
+    """
+    r0, c0 = origin
+    crop = image[..., r0:r0 + binned.height * k, c0:c0 + binned.width * k]
+    return F.avg_pool2d(crop, k) if k > 1 else crop
+
+
 class PyramidLevel:
-    """The renderer of one level (pose- and X-ray-independent)."""
+    """The renderer of one level (pose- and X-ray-independent).
+
+    Attributes:
+        level: the settings.
+        geometry: the binned detector of this level.
+        k: the binning factor (``round(level.detector_factor)``).
+        origin: ``(row0, col0)`` of the binned crop on the full detector.
+        renderer: the level's :class:`DRRRenderer`.
+    """
 
     def __init__(self, volume: Image, geometry: CArmGeometry, level: Level) -> None:
         self.level = level
-        self.geometry = geometry.scaled(level.detector_factor)
+        self.k = max(1, round(level.detector_factor))
+        self.geometry, self.origin = geometry.binned(self.k)
         self.renderer = DRRRenderer(volume, self.geometry, step_factor=level.step_factor)
+
+    def bin(self, xray: torch.Tensor) -> torch.Tensor:
+        """The full-detector X-ray ``(1, 1, H, W)`` on this level's pixels ``(1, 1, h, w)``."""
+        return bin_xray(xray, self.k, self.geometry, self.origin)
 
     @property
     def work(self) -> int:
@@ -254,7 +285,7 @@ def refine_pose(xray: Image | np.ndarray | torch.Tensor, ct: Image | Pyramid,
     bounds = np.array([np.deg2rad(max_rotation_deg) * radius] * 3 + [max_translation_mm] * 3)
     search = _Search(torch.as_tensor(_check_in_front(pyramid, pose0)), torch.as_tensor(c),
                      radius, bounds)
-    xrays = [shrink(x, geometry, st.level.detector_factor) for st in pyramid.stages]
+    xrays = [st.bin(x) for st in pyramid.stages]
     last = pyramid.stages[-1]
     with torch.no_grad(), threads_for(last.work):
         first = float(sim(xrays[-1], last.renderer(search.pose0[None]))[0])
