@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from medreg.core.axes import channels_to_vectors
 from medreg.core.grid import Grid
-from medreg.core.sampling import sample
+from medreg.core.sampling import affine_norm_grid, sample, theta_between
 from medreg.deformable.fields import (
     compose_displacements,
     identity_norm,
@@ -59,14 +59,14 @@ def world_gradient(image: torch.Tensor, grid: Grid) -> torch.Tensor:
     """
     d = grid.ndim
     sp = [float(s) for s in grid.spacing]
-    parts = [torch.gradient(image[0, 0], spacing=sp[a], dim=d - 1 - a, edge_order=1)[0]
-             for a in range(d)]  # derivative along index axis a (coordinate order)
-    g = torch.stack(parts)  # (dim_index, *S)
+    g = image.new_empty((1, d, *image.shape[2:]))
+    for a in range(d):  # derivative along index axis a (coordinate order), one at a time
+        g[0, a] = torch.gradient(image[0, 0], spacing=sp[a], dim=d - 1 - a, edge_order=1)[0]
     dmat = np.asarray(grid.direction_matrix)
     if np.allclose(dmat, np.eye(d), atol=1e-9):
-        return g[None]
+        return g
     m = torch.as_tensor(dmat, dtype=g.dtype, device=g.device)
-    return torch.einsum("ja,a...->j...", m, g)[None]
+    return torch.einsum("ja,ba...->bj...", m, g)
 
 
 class _Resizer:
@@ -101,11 +101,12 @@ class _Puller:
     def __init__(self, image: torch.Tensor, image_grid: Grid, level_grid: Grid,
                  resize: _Resizer, matrix: np.ndarray | None = None) -> None:
         d = level_grid.ndim
-        m = np.asarray(image_grid.norm_from_world) @ (np.eye(d + 1) if matrix is None else matrix)
+        lin = np.eye(d + 1) if matrix is None else np.asarray(matrix, dtype=np.float64)
+        m = np.asarray(image_grid.norm_from_world) @ lin
         self.image, self.resize = image, resize
         self.lin = torch.as_tensor(m[:d, :d], dtype=torch.float32)
-        pts = level_grid.world_points(torch.float64)
-        self.base = (pts @ torch.as_tensor(m[:d, :d]).T + torch.as_tensor(m[:d, d]))[None].float()
+        theta = theta_between(level_grid, image_grid, lin)  # level norm -> image norm
+        self.base = affine_norm_grid(theta, level_grid, torch.float32)  # (1, *S, dim)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """``(1, dim, *S_field)`` mm -> ``(1, C, *S_level)`` pulled image."""
@@ -179,7 +180,7 @@ class GreedySyN:
             g_f, g_m = torch.autograd.grad(loss, (fixed, moving))
         out = []
         for img, g in ((fixed, g_f), (moving, g_m)):
-            out.append(self.resize.down(g * world_gradient(img.detach(), level.grid)))
+            out.append(self.resize.down(world_gradient(img.detach(), level.grid).mul_(g)))
         return float(loss.detach()), out
 
     def step(self, level: Level, params: list[torch.Tensor], opts: SolverOptions) -> float:

@@ -127,11 +127,10 @@ def lncc_force(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | N
         ``(loss, force_f, force_w)``: scalar, and two ``(N, C, *S)`` tensors (no graph).
     """
     with torch.no_grad():  # in-place arithmetic: this runs once per greedy iteration
-        c = fixed.shape[1]
-        stats = box_mean(torch.cat([fixed, warped, fixed * fixed, warped * warped,
-                                    fixed * warped], dim=1), window)
-        stats.div_(_inside_fraction(fixed.shape[2:], window, fixed.dtype, fixed.device))
-        mf, mw, vf, vw, cov = stats.split(c, dim=1)
+        inv = _inside_fraction(fixed.shape[2:], window, fixed.dtype, fixed.device).reciprocal_()
+        # one statistic at a time keeps the temporaries (and the peak memory) small
+        mf, mw, vf, vw, cov = (box_mean(x, window).mul_(inv) for x in (
+            fixed, warped, fixed * fixed, warped * warped, fixed * warped))
         vf.addcmul_(mf, mf, value=-1).clamp_(min=0)
         vw.addcmul_(mw, mw, value=-1).clamp_(min=0)
         cov.addcmul_(mf, mw, value=-1)
