@@ -43,6 +43,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COLIN = ROOT.parent / "shared/data/brain/colin27"
+MNI = ROOT.parent / "shared/data/brain/mni152_2009a"
 THREADS = "2"
 PEERS = ("medreg-syn", "medreg-svf", "medreg-bspline", "ants-syn", "ants-synra", "dipy-syn",
          "elastix-bspline", "simpleitk-bspline")
@@ -76,6 +77,60 @@ def build_case(root: Path, resolution: float, seed: int = 1) -> Path:
                 case / "labels_moving_1mm.nii.gz")
     torch.save(dict(velocity=true.velocity.detach(), grid=true.grid.to_dict(), steps=true.steps),
                case / "true.pt")
+    (case / "done").write_text("ok")
+    return case
+
+
+def _tissue_kmeans(brain: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """CSF/GM/WM (0/1/2) by 1D 3-means of T1 intensities inside a skull-stripped brain (> 0)."""
+    vals = brain[brain > 0].astype(np.float64)
+    centres = np.percentile(vals, [10, 50, 90])
+    for _ in range(iterations):
+        cls = np.argmin(np.abs(vals[:, None] - centres[None]), axis=1)
+        centres = np.array([vals[cls == k].mean() for k in range(3)])
+    out = np.zeros(brain.shape, np.int16)
+    out[brain > 0] = np.argmin(np.abs(vals[:, None] - centres[None]), axis=1)  # 0 CSF, 1 GM, 2 WM
+    return out
+
+
+def build_inter_case(root: Path, resolution: float) -> Path:
+    """Colin27 (moving, with scalp) onto the ICBM 2009a template (fixed, with scalp), tissue labels.
+
+    Fixed labels: GM (1) / WM (2) where the template's GM / WM probability is the larger and
+    above 0.5. Moving labels (1 mm, Colin27 grid): the GM and WM classes of a 3-means of the
+    skull-stripped Colin27 intensities. Both images live in MNI world space, so no linear
+    initialization is needed.
+    """
+    import torch
+
+    from medreg.core.image import Image
+    from medreg.deformable.pyramid import smooth_downsample
+    from medreg.io.images import read_image, write_image
+    from medreg.resample import resample
+
+    case = root / f"colin27-to-mni-{resolution:g}mm"
+    if (case / "done").exists():
+        return case
+    case.mkdir(parents=True, exist_ok=True)
+    t1 = read_image(MNI / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz").float()
+    gm = read_image(MNI / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").tensor.float()
+    wm = read_image(MNI / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").tensor.float()
+    colin = read_image(COLIN / "ch2.nii.gz").float()
+    colin_bet = read_image(COLIN / "ch2bet.nii.gz")
+    grid = t1.grid.downsample(resolution) if resolution > 1 else t1.grid
+    fixed = smooth_downsample(t1, resolution, grid) if resolution > 1 else t1
+    mgrid = colin.grid.downsample(resolution) if resolution > 1 else colin.grid
+    moving = smooth_downsample(colin, resolution, mgrid) if resolution > 1 else colin
+    lab = torch.zeros_like(gm, dtype=torch.int16)
+    lab[(gm >= wm) & (gm > 127)] = 1
+    lab[(wm > gm) & (wm > 127)] = 2
+    tissue = _tissue_kmeans(colin_bet.tensor[0].numpy())
+    write_image(fixed, case / "fixed.nii.gz")
+    write_image(moving, case / "moving.nii.gz")
+    write_image(resample(Image(lab, t1.grid), grid, interpolation="nearest"),
+                case / "labels_fixed.nii.gz")
+    write_image(Image(torch.from_numpy(tissue)[None], colin_bet.grid),  # CSF (0) not scored
+                case / "labels_moving_1mm.nii.gz")
     (case / "done").write_text("ok")
     return case
 
@@ -252,6 +307,8 @@ def evaluate(case: Path, field_path: Path) -> dict:
 
     lab_f = read_image(case / "labels_fixed.nii.gz")
     lab_m = read_image(case / "labels_moving_1mm.nii.gz")
+    if not (case / "true.pt").exists():
+        return evaluate_tissue(lab_f, lab_m, read_displacement_field(field_path))
     saved = torch.load(case / "true.pt")
     true = StationaryVelocityField(Grid(**saved["grid"]), saved["velocity"], saved["steps"])
     field = read_displacement_field(field_path)
@@ -271,6 +328,22 @@ def evaluate(case: Path, field_path: Path) -> dict:
                 std_log_jacobian=std_log_jacobian(jac, brain))
 
 
+def evaluate_tissue(lab_f, lab_m, field) -> dict:
+    """Inter-subject case: GM / WM Dice and folding inside the template's tissue."""
+    from medreg.evaluation import dice, folding_percent, jacobian_map, std_log_jacobian
+    from medreg.resample import resample
+
+    if not field.grid.is_close(lab_f.grid, tol=1e-3):
+        raise ValueError(f"field grid {field.grid} is not the fixed grid {lab_f.grid}")
+    brain = lab_f.tensor[0] > 0
+    jac = jacobian_map(field, lab_f.grid)
+    warped = resample(lab_m, lab_f.grid, field, interpolation="nearest")
+    d = dice(lab_f, warped, labels=[1, 2])
+    return dict(gm_dice=d["per_label"][1], wm_dice=d["per_label"][2], dice=d["mean"],
+                folding_percent=folding_percent(jac, brain),
+                std_log_jacobian=std_log_jacobian(jac, brain))
+
+
 def identity_scores(case: Path, work: Path) -> dict:
     import torch
 
@@ -284,7 +357,25 @@ def identity_scores(case: Path, work: Path) -> dict:
     return evaluate(case, path)
 
 
+def markdown_tissue(rows: list[dict]) -> str:
+    head = ("| tool | GM Dice | WM Dice | mean | folded % | SD log J | wall (s) | CPU call (s) "
+            "| peak RSS (MB) | load before/after |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['peer']} | {r['error']} | | | | | | | | |")
+            continue
+        lines.append(f"| {r['peer']} | {r['gm_dice']:.3f} | {r['wm_dice']:.3f} | "
+                     f"{r['dice']:.3f} | {r['folding_percent']:.4f} | "
+                     f"{r['std_log_jacobian']:.3f} | {r.get('seconds', 0):.1f} | "
+                     f"{r.get('call_cpu_seconds') or 0:.1f} | {r.get('peak_rss_mb', 0):.0f} | "
+                     f"{r.get('load_before', 0):.1f} / {r.get('load_after', 0):.1f} |")
+    return head + "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
+    if rows and "gm_dice" in rows[0]:
+        return markdown_tissue(rows)
     head = ("| tool | mean error (mm) | p95 (mm) | AAL Dice | folded % | SD log J | wall (s) "
             "| CPU call (s) | CPU process (s) | peak RSS (MB) | load before/after |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -304,7 +395,8 @@ def markdown(rows: list[dict]) -> str:
 
 def parent_main(args: argparse.Namespace) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="medreg-bench-deformable-"))
-    case = build_case(work, args.resolution)
+    case = (build_inter_case(work, args.resolution) if args.case == "inter-subject"
+            else build_case(work, args.resolution))
     rows = [dict(peer="identity (before)", **identity_scores(case, work))]
     for peer in args.peers:
         res = run_peer(peer, case, args.timeout, work)
@@ -314,8 +406,8 @@ def parent_main(args: argparse.Namespace) -> int:
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     print(markdown(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(resolution=args.resolution, rows=rows),
-                                              indent=2))
+        out = dict(resolution=args.resolution, case=args.case, rows=rows)
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
@@ -323,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", nargs=3, metavar=("PEER", "CASE", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--resolution", type=float, default=2.0, help="mm (default 2)")
+    p.add_argument("--case", default="known-warp", choices=("known-warp", "inter-subject"),
+                   help="Colin27 warped by a known field (default), or Colin27 onto the "
+                        "ICBM 2009a template scored by tissue Dice")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per tool")
     p.add_argument("--workdir", help="keep cases and fields here (default: a temp folder)")

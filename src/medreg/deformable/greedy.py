@@ -111,7 +111,7 @@ class _Puller:
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """``(1, dim, *S_field)`` mm -> ``(1, C, *S_level)`` pulled image."""
         offsets = torch.einsum("ij,bj...->bi...", self.lin, u)
-        moved = self.base + channels_to_vectors(self.resize.up(offsets))
+        moved = channels_to_vectors(self.resize.up(offsets)).add_(self.base)  # no extra buffer
         return sample(self.image, moved, padding="border")
 
 
