@@ -46,6 +46,7 @@ from medreg.deformable.optimize import (
 )
 from medreg.deformable.pyramid import Level
 from medreg.engine.threads import threads_for
+from medreg.errors import MedregError
 from medreg.transforms.base import Transform
 
 Metric = Callable[..., torch.Tensor]
@@ -144,6 +145,32 @@ class GreedySyN:
             else:  # a dense init: sample through it at full resolution
                 warper = MovingWarper(level, init=self.init)
                 self.pull_moving = lambda u: warper(self.resize.up(u))
+                lin = None
+            self.pull_masks = self._mask_pullers(level, lin)
+
+    def _mask_pullers(self, level: Level, lin: np.ndarray | None) -> list:
+        """Pullers of the fixed mask through ``A`` and the moving mask through ``init o B``."""
+        out: list = []
+        if level.mask is not None:
+            out.append((0, _Puller(level.mask.float(), level.grid, level.grid, self.resize)))
+        if level.moving_mask is not None:
+            if self.init is not None and not self.init.is_linear:
+                raise MedregError("a moving mask needs a linear (or no) initial transform")
+            out.append((1, _Puller(level.moving_mask.float(), level.moving.grid, level.grid,
+                                   self.resize, lin)))
+        return out
+
+    def midpoint_mask(self, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Product of the masks pulled to the midpoint ``(1, 1, *S)``, or ``None`` without any.
+
+        Convention: the fixed mask is read through ``A`` and the moving mask through
+        ``init o B``, so both cover the midpoint images they belong to.
+        """
+        mask = None
+        for i, puller in self.pull_masks:
+            m = puller(params[i])
+            mask = m if mask is None else mask.mul_(m)
+        return mask
 
     def initial(self, level: Level) -> list[torch.Tensor]:
         """Two zero fields ``(1, dim, *S_field)`` (``u_f``, ``u_m``)."""
@@ -171,12 +198,13 @@ class GreedySyN:
         :func:`~medreg.deformable.metrics.lncc_force` (ANTs' and DIPY's), else autograd's.
         """
         fixed, moving = self.midpoint_images(level, params)
+        mask = self.midpoint_mask(params)
         if self.cc_window is not None:
-            loss, g_f, g_m = lncc_force(fixed, moving, level.mask, self.cc_window)
+            loss, g_f, g_m = lncc_force(fixed, moving, mask, self.cc_window)
         else:
             fixed.requires_grad_(True)
             moving.requires_grad_(True)
-            loss = self.metric(fixed, moving, level.mask)
+            loss = self.metric(fixed, moving, mask)
             g_f, g_m = torch.autograd.grad(loss, (fixed, moving))
         out = []
         for img, g in ((fixed, g_f), (moving, g_m)):

@@ -50,6 +50,7 @@ class Level:
         moving: ``(1, *S_m)`` image on the moving level grid.
         mask: ``(1, 1, *S)`` fixed-space mask on the level grid, or ``None``.
         field_grid: grid on which the level's fields live.
+        moving_mask: ``(1, 1, *S_m)`` moving-space mask on the moving level grid, or ``None``.
     """
 
     factor: float
@@ -57,6 +58,7 @@ class Level:
     moving: Image
     mask: torch.Tensor | None
     field_grid: Grid
+    moving_mask: torch.Tensor | None = None
 
     @property
     def grid(self) -> Grid:
@@ -65,10 +67,12 @@ class Level:
 
 def build_levels(fixed: Image, moving: Image, factors: tuple[float, ...], *,
                  field_factor: float = 1.0, mask: Image | None = None,
-                 relative_fields: bool = False) -> list[Level]:
+                 moving_mask: Image | None = None, relative_fields: bool = False) -> list[Level]:
     """Coarse-to-fine levels for ``factors`` (e.g. ``(4, 2, 1)``).
 
     Args:
+        mask, moving_mask: optional masks on the fixed / moving grids (resampled linearly to
+            each level's fixed / moving grid).
         field_factor: fields live on the fixed grid downsampled by ``max(f, field_factor)``
             (a coarser velocity grid is smooth anyway and integrates several times faster),
             or by ``f * field_factor`` with ``relative_fields`` (every level's fields
@@ -88,6 +92,9 @@ def build_levels(fixed: Image, moving: Image, factors: tuple[float, ...], *,
         mk = None
         if mask is not None:
             mk = resample(mask.float(), fx.grid, interpolation="linear").tensor[None]
+        mm = None
+        if moving_mask is not None:
+            mm = resample(moving_mask.float(), mv.grid, interpolation="linear").tensor[None]
         ff = f * field_factor if relative_fields else max(f, field_factor)
-        levels.append(Level(float(f), fx, mv, mk, fixed.grid.downsample(ff)))
+        levels.append(Level(float(f), fx, mv, mk, fixed.grid.downsample(ff), mm))
     return levels

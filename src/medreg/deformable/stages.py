@@ -101,7 +101,8 @@ def _setup(ctx: StageContext, kind: str, n_fields: int) -> _Setup:
     metric = get_deformable_metric(name, **({"window": cfg["window"]}
                                             if name.lower() in ("lncc", "cc") else {}))
     levels = build_levels(ctx.fixed, ctx.moving, cfg["levels"], field_factor=cfg["field_factor"],
-                          mask=ctx.fixed_mask, relative_fields=kind == "syn")
+                          mask=ctx.fixed_mask, relative_fields=kind == "syn",
+                          moving_mask=ctx.moving_mask if kind == "syn" else None)
     weights = RegularizerWeights(**{k: cfg.get(k, 0.0) for k in (
         "diffusion", "bending", "elastic", "tv", "folding", "mu", "lam")})
     solver = SolverOptions(iterations=cfg["iterations"], lr=cfg.get("lr", cfg.get("step")),
