@@ -123,9 +123,7 @@ def _parzen_sparse(values: torch.Tensor, bins: int, lo: float, hi: float
     pos = (values.clamp(lo, hi) - lo) * scale + pad  # in [pad, bins - 1 - pad]
     base = torch.floor(pos.detach()).clamp(pad, bins - 1 - pad)
     t = pos - base  # in [0, 1]
-    t2, t3 = t * t, t * t * t
-    w = torch.stack([(1 - t) ** 3 / 6.0, (3 * t3 - 6 * t2 + 4) / 6.0,
-                     (-3 * t3 + 3 * t2 + 3 * t + 1) / 6.0, t3 / 6.0], dim=-1)
+    w = _cubic_weights(t.reshape(-1))[0].reshape(*t.shape, 4)
     idx = base.long()[..., None] + torch.arange(-1, 3, device=values.device)
     return idx.clamp(0, bins - 1), w
 
@@ -135,9 +133,8 @@ def _parzen_box(values: torch.Tensor, bins: int, lo: float, hi: float
     """Zero-order (nearest-bin) window, Mattes' choice for the fixed image: ``(N, n, 1)`` each."""
     pad = 2
     scale = (bins - 1 - 2 * pad) / max(hi - lo, 1e-12)
-    pos = (values.detach().clamp(lo, hi) - lo) * scale + pad
-    idx = torch.round(pos).long().clamp(0, bins - 1)[..., None]
-    return idx, torch.ones_like(values)[..., None]
+    pos = values.detach().clamp(lo, hi).mul_(scale).add_(pad - lo * scale)  # [pad, bins-1-pad]
+    return pos.round_().long()[..., None], torch.ones_like(values)[..., None]
 
 
 def _fixed_window(name: str):
@@ -202,8 +199,9 @@ class _FusedParzen(torch.autograd.Function):
         fi, fw = _fixed_window(fixed_window)(f[None], bins, *fr)
         fi, fw = fi[0], fw[0] * wt[:, None]  # (n, k): fixed bins and weights, k = 1 or 4
         scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
-        pos = (m.clamp(*mr) - mr[0]) * scale + pad
-        dpos = (pos == (m - mr[0]) * scale + pad).to(m.dtype) * scale  # 0 where clamped
+        pos = m.clamp(*mr)
+        dpos = (pos == m).to(m.dtype).mul_(scale)  # d pos / d m: 0 where clamped
+        pos = pos.mul_(scale).add_(pad - mr[0] * scale)
         base = torch.floor(pos).clamp_(pad, bins - 1 - pad)
         mw, dmw = _cubic_weights(pos - base)
         # bins base-1 .. base+2 of the moving window; base is clamped so all are valid
@@ -233,19 +231,25 @@ class _FusedParzen(torch.autograd.Function):
         return grad_out * gm, None, None, None, None, None, None, None
 
 
+#: Cubic B-spline weights of bins ``base-1 .. base+2`` as polynomials in ``t``: row k holds
+#: the coefficients of ``t**k``; ``_CUBIC_D`` holds those of their derivatives.
+_CUBIC = torch.tensor([[1.0, 4.0, 1.0, 0.0], [-3.0, 0.0, 3.0, 0.0], [3.0, -6.0, 3.0, 0.0],
+                       [-1.0, 3.0, -3.0, 1.0]], dtype=torch.float64) / 6.0
+_CUBIC_D = torch.tensor([[-3.0, 0.0, 3.0, 0.0], [6.0, -12.0, 6.0, 0.0],
+                         [-3.0, 9.0, -9.0, 3.0]], dtype=torch.float64) / 6.0
+
+
 def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cubic B-spline weights of bins ``base-1 .. base+2`` and their derivatives: ``(n, 4)``.
 
     ``t`` in [0, 1] is the position past ``base``; the weights sum to 1, the derivatives to 0.
+    Two small matrix products keep the number of tensor operations (the cost at a few
+    thousand points) low.
     """
-    s = 1.0 - t
-    t2, s2 = t * t, s * s
-    w0, w3 = s2 * s / 6.0, t2 * t / 6.0
-    w1 = (3.0 * t - 6.0) * t2 / 6.0 + 2.0 / 3.0
-    d0, d3 = -0.5 * s2, 0.5 * t2
-    d1 = (1.5 * t - 2.0) * t
-    return (torch.stack([w0, w1, 1.0 - w0 - w1 - w3, w3], dim=-1),
-            torch.stack([d0, d1, -(d0 + d1 + d3), d3], dim=-1))
+    t2 = t * t
+    powers = torch.stack([torch.ones_like(t), t, t2, t2 * t], dim=-1)  # (n, 4)
+    c, d = _CUBIC.to(t.dtype), _CUBIC_D.to(t.dtype)
+    return powers @ c, powers[:, :3] @ d
 
 
 def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized,

@@ -14,6 +14,7 @@ from medreg.errors import MedregError
 from medreg.metrics import Metric
 from medreg.resample import resample
 from medreg.transforms.base import Transform
+from medreg.transforms.linear import LinearTransform
 
 
 def _as_float(image: Image) -> Image:
@@ -68,6 +69,8 @@ class LevelObjective:
         self.use_grid = samples is None or metric.needs_grid or samples >= self.fixed.grid.numel
         self.samples, self.stochastic = samples, resample_every_call and not self.use_grid
         self.off_grid = off_grid
+        self._norm_from_world = torch.as_tensor(self.moving.grid.norm_from_world,
+                                                dtype=torch.float64)
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # moving FOV, norm coords
         self.candidates = None if fmask is None else torch.nonzero(fmask.reshape(-1)).squeeze(1)
         self.batches = max(1, int(batches)) if self.stochastic else 1
@@ -121,9 +124,15 @@ class LevelObjective:
 
     def warped_points(self, transform: Transform) -> torch.Tensor:
         """Moving-space normalized coordinates of the fixed points, ``(*P, dim)``."""
+        if isinstance(transform, LinearTransform):  # fewest tensor ops: this runs every step
+            a, o = transform.linear_and_offset()
+            n = self._norm_from_world
+            lin = (n[:-1, :-1] @ a).to(self.points.dtype)
+            off = (n[:-1, :-1] @ o + n[:-1, -1]).to(self.points.dtype)
+            return torch.addmm(off, self.points.reshape(-1, a.shape[0]), lin.T).reshape(
+                self.points.shape)
         if transform.is_linear:
-            m = torch.as_tensor(self.moving.grid.norm_from_world, dtype=torch.float64)
-            m = (m @ transform.matrix()).to(self.points.dtype)
+            m = (self._norm_from_world @ transform.matrix()).to(self.points.dtype)
             return self.points @ m[:-1, :-1].T + m[:-1, -1]
         return world_to_norm(transform(self.points), self.moving.grid)
 

@@ -92,11 +92,16 @@ class LinearTransform(Transform):
         """``(dim,)`` translation ``t`` in mm."""
         return self._translation_from_physical(self.physical)
 
+    def linear_and_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, o)``, ``(dim, dim)`` and ``(dim,)`` float64, with ``T(x) = A x + o``."""
+        p = self.physical
+        a = self._linear_from_physical(p)
+        c = self.center
+        return a, c + self._translation_from_physical(p) - a @ c
+
     def matrix(self) -> torch.Tensor:
         """``(dim+1, dim+1)`` homogeneous fixed-world -> moving-world matrix (float64)."""
-        a = self.linear()
-        c = self.center
-        offset = c + self.translation() - a @ c
+        a, offset = self.linear_and_offset()
         top = torch.cat([a, offset[:, None]], dim=1)
         bottom = torch.zeros(1, self.ndim + 1, dtype=a.dtype, device=a.device)
         bottom[0, -1] = 1.0
