@@ -96,7 +96,7 @@ def test_bobyqa_ncc_recovers_pose_on_real_chest_ct(chest):
     assert tre0 > 8.0
     assert tre < 2.0 and mpd < 1.0, (tre, mpd)
     assert res.similarity > res.initial_similarity
-    assert res.evaluations <= 300
+    assert res.evaluations <= 200, res.history  # about 85: 50 coarse + 35 fine renders
     assert [h["detector"] for h in res.history] == [[30, 23], [60, 47]]
     # the CT itself gives the same result (the pyramid is built inside, deterministically)
     again = refine_pose(xray[0, 0], chest, g, start, metric="ncc")
