@@ -294,11 +294,12 @@ def thread_env() -> dict[str, str]:
 def run_peer(peer: str, case: Path, timeout: float, work: Path) -> dict:
     out = work / peer
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--child", peer, str(case), str(out)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", peer,
+           str(case.resolve()), str(out.resolve())]
     load = os.getloadavg()[0]  # other users' jobs inflate wall times; recorded with each row
-    try:
+    try:  # run inside `out`: transformix leaves deformationField.nii in its working directory
         proc = subprocess.run(cmd, env=thread_env(), timeout=timeout, capture_output=True,
-                              text=True)
+                              text=True, cwd=out)
     except subprocess.TimeoutExpired:
         return dict(peer=peer, error=f"timeout after {timeout:g} s")
     if proc.returncode != 0:
