@@ -46,7 +46,7 @@ COLIN = ROOT.parent / "shared/data/brain/colin27"
 MNI = ROOT.parent / "shared/data/brain/mni152_2009a"
 THREADS = "2"
 PEERS = ("medreg-syn", "medreg-svf", "medreg-bspline", "ants-syn", "ants-synra", "dipy-syn",
-         "elastix-bspline", "simpleitk-bspline")
+         "elastix-bspline", "simpleitk-bspline", "medreg-syn-masked", "ants-syn-masked")
 
 
 # --------------------------------------------------------------------------- case
@@ -99,7 +99,8 @@ def build_inter_case(root: Path, resolution: float) -> Path:
     Fixed labels: GM (1) / WM (2) where the template's GM / WM probability is the larger and
     above 0.5. Moving labels (1 mm, Colin27 grid): the GM and WM classes of a 3-means of the
     skull-stripped Colin27 intensities. Both images live in MNI world space, so no linear
-    initialization is needed.
+    initialization is needed. ``moving_mask.nii.gz`` (Colin27's brain, from ``ch2bet``) is used
+    by the ``medreg-syn-masked`` and ``ants-syn-masked`` rows only.
     """
     import torch
 
@@ -131,6 +132,8 @@ def build_inter_case(root: Path, resolution: float) -> Path:
                 case / "labels_fixed.nii.gz")
     write_image(Image(torch.from_numpy(tissue)[None], colin_bet.grid),  # CSF (0) not scored
                 case / "labels_moving_1mm.nii.gz")
+    write_image(Image((colin_bet.tensor > 0).to(torch.uint8), colin_bet.grid),  # brain mask
+                case / "moving_mask.nii.gz")
     (case / "done").write_text("ok")
     return case
 
@@ -150,7 +153,7 @@ def _stop() -> float:
     return time.perf_counter() - wall0
 
 
-def run_medreg(case: Path, out: Path, stage: str) -> float:
+def run_medreg(case: Path, out: Path, stage: str, masked: bool = False) -> float:
     import torch
 
     from medreg.io.fields import write_displacement_field
@@ -159,21 +162,24 @@ def run_medreg(case: Path, out: Path, stage: str) -> float:
 
     torch.set_num_threads(int(THREADS))
     fixed, moving = read_image(case / "fixed.nii.gz"), read_image(case / "moving.nii.gz")
+    mask = read_image(case / "moving_mask.nii.gz") if masked else None
     _start()
     opts = json.loads(os.environ.get("MEDREG_BENCH_OPTIONS", "{}"))
-    res = register(fixed, moving, transform=stage, metric="lncc", init="none", **opts)
+    res = register(fixed, moving, transform=stage, metric="lncc", init="none",
+                   moving_mask=mask, **opts)
     took = _stop()
     write_displacement_field(res.transform, fixed.grid, out)
     return took
 
 
-def run_ants(case: Path, out: Path, kind: str) -> float:
+def run_ants(case: Path, out: Path, kind: str, masked: bool = False) -> float:
     import ants
 
     fixed = ants.image_read(str(case / "fixed.nii.gz"))
     moving = ants.image_read(str(case / "moving.nii.gz"))
+    mask = ants.image_read(str(case / "moving_mask.nii.gz")) if masked else None
     _start()
-    reg = ants.registration(fixed, moving, type_of_transform=kind)
+    reg = ants.registration(fixed, moving, type_of_transform=kind, moving_mask=mask)
     took = _stop()
     prefix = str(out.parent / "ants_composite_")
     field = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], compose=prefix)
@@ -248,8 +254,10 @@ RUNNERS = {
     "medreg-syn": lambda c, o: run_medreg(c, o, "syn"),
     "medreg-svf": lambda c, o: run_medreg(c, o, "svf"),
     "medreg-bspline": lambda c, o: run_medreg(c, o, "bspline"),
+    "medreg-syn-masked": lambda c, o: run_medreg(c, o, "syn", masked=True),  # inter-subject
     "ants-syn": lambda c, o: run_ants(c, o, "SyN"),
     "ants-synra": lambda c, o: run_ants(c, o, "SyNRA"),
+    "ants-syn-masked": lambda c, o: run_ants(c, o, "SyN", masked=True),  # inter-subject
     "dipy-syn": run_dipy,
     "elastix-bspline": run_elastix,
     "simpleitk-bspline": run_simpleitk,
