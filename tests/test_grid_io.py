@@ -143,3 +143,19 @@ def test_dicom_series_folder(tmp_path):
     assert img.grid.size == (8, 6, 5)
     np.testing.assert_allclose(img.grid.spacing, g.spacing, atol=1e-4)
     np.testing.assert_array_equal(img.numpy()[0], data)
+
+
+def test_simpleitk_is_imported_only_when_needed():
+    """NIfTI reading goes through nibabel; SimpleITK (about 110 MB) loads on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, medreg; from pathlib import Path; "
+            "d = Path(medreg.__file__).parent / 'data'; "
+            "medreg.read_image(sorted(d.glob('*.nii.gz'))[0]); "
+            "print('SimpleITK' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from medreg.io.lazy import sitk
+
+    assert sitk.sitkFloat32 == __import__("SimpleITK").sitkFloat32

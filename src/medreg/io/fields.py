@@ -19,7 +19,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from medreg.core.grid import Grid
@@ -27,6 +26,7 @@ from medreg.core.image import Image
 from medreg.deformable.transforms import DisplacementField, dense_from_transform
 from medreg.errors import InputFileError, MedregError
 from medreg.io.images import from_sitk, read_image, to_sitk, write_image
+from medreg.io.lazy import sitk
 from medreg.transforms.base import Transform
 
 NIFTI_INTENT_DISPVECT = 1006

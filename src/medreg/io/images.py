@@ -14,13 +14,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.errors import InputFileError
 from medreg.io.atomic import atomic_write
+from medreg.io.lazy import sitk
 
 #: Flip between RAS (NIfTI) and LPS (ITK, DICOM, medreg) homogeneous coordinates.
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

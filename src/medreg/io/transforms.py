@@ -29,11 +29,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from medreg.errors import InputFileError, MedregError
 from medreg.io.atomic import atomic_write
+from medreg.io.lazy import sitk
 from medreg.transforms.base import Compose, Transform
 from medreg.transforms.linear import Affine
 

@@ -82,13 +82,12 @@ class RegistrationResult:
 
 
 def versions() -> dict[str, str]:
-    import nibabel
-    import SimpleITK
+    from importlib.metadata import version
 
     from medreg import __version__
 
     return {"medreg": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "nibabel": nibabel.__version__, "SimpleITK": SimpleITK.Version_VersionString(),
+            "nibabel": version("nibabel"), "SimpleITK": version("SimpleITK"),
             "python": platform.python_version()}
 
 
