@@ -90,8 +90,18 @@ def gaussian_pyramid(image: Image, factors: Sequence[float] = (4, 2, 1),
         sigmas_mm = [0.5 * f * base if f > 1 else 0.0 for f in factors]
     if len(sigmas_mm) != len(factors):
         raise ValueError("give one smoothing sigma per pyramid level")
-    levels = []
-    for f, s in zip(factors, sigmas_mm, strict=True):
-        smoothed = smooth_image(image, s)
-        levels.append(smoothed if f == 1 else resample(smoothed, image.grid.downsample(f)))
-    return levels
+    levels: dict[int, Image] = {}
+    prev_f, prev_s, prev = 1.0, 0.0, image
+    for i in sorted(range(len(factors)), key=lambda k: factors[k]):  # fine to coarse
+        f, s = factors[i], sigmas_mm[i]
+        if f >= prev_f and s >= prev_s:
+            # recursive: blur the finer level by the missing sigma (Gaussians add in variance),
+            # on fewer voxels than the full-resolution image
+            smoothed = smooth_image(prev, math.sqrt(s * s - prev_s * prev_s))
+        else:
+            smoothed = smooth_image(image, s)
+        level = smoothed if f == 1 else resample(smoothed, image.grid.downsample(f))
+        levels[i] = level
+        if f >= prev_f and s >= prev_s:
+            prev_f, prev_s, prev = f, s, level
+    return [levels[i] for i in range(len(factors))]

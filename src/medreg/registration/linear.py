@@ -124,6 +124,12 @@ class LinearOptions:
         return name, samples, stochastic
 
 
+#: Stochastic levels draw the points of at most this many iterations at once and cycle through
+#: them (drawing costs about as much as the iterations that use the points; cycling 20 batches
+#: left the MNI 2 mm errors unchanged within seed spread).
+POOL_BATCHES = 20
+
+
 def sample_count(samples: int | str | None, numel: int, stochastic: bool = False) -> int | None:
     """Points to draw on a level of ``numel`` voxels (see :class:`LinearOptions`)."""
     if samples == "auto":
@@ -197,7 +203,8 @@ def _solve_level(ctx: StageContext, opts: LinearOptions, transform: LinearTransf
     metric = get_metric(ctx.metric, **_metric_options(ctx, opts, f_l))
     objective = LevelObjective(f_l, m_l, metric, fixed_mask=ctx.fixed_mask,
                                moving_mask=ctx.moving_mask, samples=samples,
-                               resample_every_call=stochastic, batches=n_iter,
+                               resample_every_call=stochastic,
+                               batches=min(n_iter, POOL_BATCHES),
                                seed=ctx.seed + i,
                                dtype=torch.float64 if optimizer == "lbfgs" else torch.float32,
                                off_grid=opts.off_grid)

@@ -45,7 +45,7 @@ class LevelObjective:
         resample_every_call: use new random points at every evaluation (stochastic
             gradients, as elastix's random sampler; use with Adam/GD only).
         batches: with ``resample_every_call``, the points of this many evaluations are drawn
-            at once (one sort, one fixed-image sampling) and then used in turn, cycling.
+            at once (one fixed-image sampling) and then used in turn, cycling.
         seed: seed of the point sampler.
         off_grid: sampled points are jittered uniformly inside their voxel (fixed values then
             interpolated too).
@@ -115,11 +115,8 @@ class LevelObjective:
         self.points, self.values, self.weights = self._pool_points[0], self._pool_values[0], None
 
     def _next_batch(self) -> None:
-        """Move to the next pre-drawn batch of points (stochastic mode), redrawing when spent."""
-        self._next += 1
-        if self._next == self.batches:
-            self._next = 0
-            self._draw()
+        """Move to the next pre-drawn batch of points (stochastic mode), cycling."""
+        self._next = (self._next + 1) % self.batches
         self.points, self.values = self._pool_points[self._next], self._pool_values[self._next]
 
     def warped_points(self, transform: Transform) -> torch.Tensor:
