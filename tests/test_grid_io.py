@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from medreg import Grid, Image, InputFileError, read_image, write_image
-from medreg.core.axes import shape_from_size, size_from_shape, tensor_axis
+from medreg.core.axes import index_from_flat, shape_from_size, size_from_shape, tensor_axis
 from medreg.io import from_sitk, to_sitk
 from tests.conftest import MNI_T1, blob_image, need, oblique_grid
 
@@ -159,3 +159,12 @@ def test_simpleitk_is_imported_only_when_needed():
     from medreg.io.lazy import sitk
 
     assert sitk.sitkFloat32 == __import__("SimpleITK").sitkFloat32
+
+
+
+def test_index_from_flat_matches_the_tensor_layout():
+    t = torch.arange(4 * 3 * 2).reshape(shape_from_size((4, 3, 2)))  # (z, y, x) = (2, 3, 4)
+    flat = torch.tensor([0, 5, 13, 23])
+    idx = index_from_flat(flat, (4, 3, 2))  # (x, y, z)
+    assert idx.tolist() == [[0, 0, 0], [1, 1, 0], [1, 0, 1], [3, 2, 1]]
+    assert [int(t[z, y, x]) for x, y, z in idx.tolist()] == flat.tolist()

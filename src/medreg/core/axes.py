@@ -7,7 +7,8 @@ Convention:
       ``align_corners=ALIGN_CORNERS``: -1 and +1 are the centres of the first and last voxel.
 
 Every conversion between tensor-axis order and coordinate order goes through
-:func:`shape_from_size` / :func:`size_from_shape` / :func:`channels_last_to_vectors` in this module.
+:func:`shape_from_size` / :func:`size_from_shape` / :func:`index_from_flat` and the vector /
+channel permutations in this module.
 """
 
 from __future__ import annotations
@@ -63,3 +64,13 @@ def channels_to_vectors(field: torch.Tensor) -> torch.Tensor:
 def xyz_to_tensor_order(points: torch.Tensor) -> torch.Tensor:
     """Reverse the last axis: ``(..., (x, y, z))`` -> ``(..., (z, y, x))`` (and back)."""
     return points.flip(-1)
+
+
+def index_from_flat(flat: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(n,)`` flat indices into a contiguous ``(..., H, W)`` tensor -> ``(n, dim)`` integer
+    indices in coordinate order ``(x, y[, z])`` (x varies fastest in memory)."""
+    out, rest = [], flat
+    for n in size:
+        out.append(rest % n)
+        rest = rest // n
+    return torch.stack(out, dim=-1)

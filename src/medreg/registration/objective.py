@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from medreg.core.axes import index_from_flat
 from medreg.core.image import Image
 from medreg.core.sampling import inside_bounds, norm_bounds, sample, world_to_norm
 from medreg.errors import MedregError
@@ -100,7 +101,7 @@ class LevelObjective:
         u = torch.rand(self.batches, n, generator=self.generator).double()  # float32 RNG: 3x faster
         pick = ((torch.arange(n, dtype=torch.float64) + u) * (n_pool / n)).long().reshape(-1)
         idx = pool[pick.clamp_max(n_pool - 1)] if pool is not None else pick.clamp_max(n_pool - 1)
-        index = _unravel(idx, self.fixed.grid.size, self.fvals.dtype)  # (n, dim) x, y[, z]
+        index = index_from_flat(idx, self.fixed.grid.size).to(self.fvals.dtype)  # x, y[, z]
         if self.off_grid:
             # jitter within the voxel so fixed and moving are both interpolated: this removes
             # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
@@ -150,15 +151,6 @@ class LevelObjective:
             # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
             return warped.sum() * 0.0 + NO_OVERLAP_LOSS
         return self.metric(self.values[None], warped, weight, **self.ranges)
-
-
-def _unravel(flat: torch.Tensor, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``(n,)`` flat indices of a tensor-order ``(..., y, x)`` array -> ``(n, dim)`` (x, y[, z])."""
-    out, rest = [], flat
-    for n in size:  # x varies fastest in memory
-        out.append(rest % n)
-        rest = rest // n
-    return torch.stack(out, dim=-1).to(dtype)
 
 
 def _apply(matrix, points: torch.Tensor) -> torch.Tensor:
