@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import peak_rss_mb, thread_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -264,22 +265,6 @@ RUNNERS = {
 }
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (MB).
-
-    Linux's ``ru_maxrss`` keeps the high-water mark of the memory image replaced by ``exec``, i.e.
-    the RSS of the forked parent (the benchmark driver, gigabytes after scoring a 1 mm case);
-    ``VmHWM`` of ``/proc/self/status`` belongs to the current image only.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child_main(peer: str, case: Path, out: Path) -> int:
     took = RUNNERS[peer](case, out / "field.nii.gz")
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -290,15 +275,6 @@ def child_main(peer: str, case: Path, out: Path) -> int:
 
 
 # --------------------------------------------------------------------------- parent
-def thread_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMBA_NUM_THREADS"):
-        env[key] = THREADS
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
-    return env
-
-
 def run_peer(peer: str, case: Path, timeout: float, work: Path) -> dict:
     out = work / peer
     out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +282,7 @@ def run_peer(peer: str, case: Path, timeout: float, work: Path) -> dict:
            str(case.resolve()), str(out.resolve())]
     load = os.getloadavg()[0]  # other users' jobs inflate wall times; recorded with each row
     try:  # run inside `out`: transformix leaves deformationField.nii in its working directory
-        proc = subprocess.run(cmd, env=thread_env(), timeout=timeout, capture_output=True,
+        proc = subprocess.run(cmd, env=thread_env(THREADS), timeout=timeout, capture_output=True,
                               text=True, cwd=out)
     except subprocess.TimeoutExpired:
         return dict(peer=peer, error=f"timeout after {timeout:g} s")

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import peak_rss_mb, thread_env
 
 HERE = Path(__file__).resolve().parent
 THREADS = "2"
@@ -181,18 +180,6 @@ def _record_time(t0: float) -> None:
     _TIMES.append(time.perf_counter() - t0)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (MB) from ``/proc/self/status`` ``VmHWM``.
-
-    ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: Linux keeps it across ``execve``, so a
-    child forked from a large parent would report the parent's size.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def child_main(peer: str, case: Path, out: Path) -> int:
     """Run one peer on one case; write matrix, seconds and peak RSS to ``out`` (JSON)."""
     matrix = RUNNERS[peer](case)
@@ -203,18 +190,6 @@ def child_main(peer: str, case: Path, out: Path) -> int:
 
 
 # --------------------------------------------------------------------------- parent
-def thread_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        env[key] = THREADS
-    env["ANTS_RANDOM_SEED"] = "0"
-    # OpenMP threads sleep instead of spinning while they wait: on a shared machine spinning
-    # threads of torch (and DIPY) lose their core to other jobs; ITK's own pool is unaffected
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
-
-
 def run_peer(peer: str, case: Path, timeout: float, workdir: Path) -> dict:
     """Run a peer in a subprocess; returns its JSON plus ``status``."""
     out = workdir / f"{case.name}-{peer}.json"
@@ -222,7 +197,8 @@ def run_peer(peer: str, case: Path, timeout: float, workdir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", peer, str(case), str(out)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=thread_env(), capture_output=True, text=True,
+        proc = subprocess.run(cmd, env=thread_env(THREADS, ANTS_RANDOM_SEED="0"),
+                              capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(status=f"timeout > {timeout:.0f} s")

@@ -57,10 +57,16 @@ def affine_norm_grid(theta: torch.Tensor, grid: Grid, dtype: torch.dtype) -> tor
     return F.affine_grid(theta[None].to(dtype), list(size), align_corners=ALIGN_CORNERS)
 
 
+def apply_homogeneous(matrix, points: torch.Tensor) -> torch.Tensor:
+    """``(..., dim)`` points through a ``(dim+1, dim+1)`` homogeneous matrix (numpy or torch),
+    in the points' dtype and device (e.g. ``grid.world_from_index`` on ``(x, y, z)`` indices)."""
+    m = torch.as_tensor(matrix, dtype=points.dtype, device=points.device)
+    return points @ m[:-1, :-1].T + m[:-1, -1]
+
+
 def world_to_norm(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``(..., dim)`` world LPS mm -> normalized coordinates of ``grid``."""
-    m = torch.as_tensor(grid.norm_from_world, dtype=points.dtype, device=points.device)
-    return points @ m[:-1, :-1].T + m[:-1, -1]
+    return apply_homogeneous(grid.norm_from_world, points)
 
 
 def inside_fov(norm_points: torch.Tensor, grid: Grid) -> torch.Tensor:

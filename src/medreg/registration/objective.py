@@ -10,7 +10,13 @@ import torch
 
 from medreg.core.axes import index_from_flat
 from medreg.core.image import Image
-from medreg.core.sampling import inside_bounds, norm_bounds, sample, world_to_norm
+from medreg.core.sampling import (
+    apply_homogeneous,
+    inside_bounds,
+    norm_bounds,
+    sample,
+    world_to_norm,
+)
 from medreg.errors import MedregError
 from medreg.metrics import Metric
 from medreg.resample import resample
@@ -107,11 +113,11 @@ class LevelObjective:
             # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
             index = index + (torch.rand(index.shape, generator=self.generator)
                              .to(index.dtype) - 0.5)
-            norm = _apply(self.fixed.grid.norm_from_index, index)
+            norm = apply_homogeneous(self.fixed.grid.norm_from_index, index)
             values = sample(self.fixed.batch, norm[None], padding="border")[0]
         else:
             values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
-        points = _apply(self.fixed.grid.world_from_index, index)
+        points = apply_homogeneous(self.fixed.grid.world_from_index, index)
         self._pool_points, self._pool_values = points.split(n), values.split(n, dim=1)
         self.points, self.values, self.weights = self._pool_points[0], self._pool_values[0], None
 
@@ -151,9 +157,3 @@ class LevelObjective:
             # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
             return warped.sum() * 0.0 + NO_OVERLAP_LOSS
         return self.metric(self.values[None], warped, weight, **self.ranges)
-
-
-def _apply(matrix, points: torch.Tensor) -> torch.Tensor:
-    """``(n, dim)`` points through a homogeneous ``(dim+1, dim+1)`` numpy matrix."""
-    m = torch.as_tensor(matrix, dtype=points.dtype, device=points.device)
-    return points @ m[:-1, :-1].T + m[:-1, -1]

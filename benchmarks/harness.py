@@ -1,0 +1,41 @@
+"""What every benchmark child shares: the thread limit of its environment and its own peak RSS."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "NUMEXPR_NUM_THREADS", "NUMBA_NUM_THREADS",
+                    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+def thread_env(threads: str, **extra: str) -> dict[str, str]:
+    """This process's environment with every thread pool limited to ``threads``.
+
+    OpenMP threads sleep instead of spinning while they wait (``OMP_WAIT_POLICY=PASSIVE``):
+    on a shared machine spinning threads of torch (and DIPY) lose their core to other jobs;
+    ITK's own pool is unaffected.
+    """
+    env = dict(os.environ)
+    for key in THREAD_VARIABLES:
+        env[key] = threads
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(extra)
+    return env
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (MB), ``VmHWM`` of ``/proc/self/status``.
+
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` is only the fallback: Linux keeps it across ``execve``,
+    so a child forked from a large driver would report the driver's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
