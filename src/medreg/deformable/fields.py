@@ -140,6 +140,12 @@ class InversionResult:
     iterations: int
 
 
+def _lengths(field: torch.Tensor) -> torch.Tensor:
+    """``(1, dim, *S)`` vectors -> ``(1, *S)`` lengths (``Tensor.norm(dim=1)`` is ~20x slower
+    on the CPU for channel-first fields)."""
+    return field.square().sum(1).sqrt_()
+
+
 def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
                         tol: float = 1e-3) -> InversionResult:
     """Invert ``phi(x) = x + u(x)`` by the fixed-point iteration ``w <- -u(y + w(y))``.
@@ -162,12 +168,12 @@ def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
         it, res = 0, None
         for it in range(1, iterations + 1):  # noqa: B007 - the count is reported
             pulled = warp_field(disp, grid, w, ident)  # u(y + w(y)): one warp per iteration
-            res = (w + pulled).norm(dim=1)
+            res = _lengths(w + pulled)
             if float(res.max()) < tol:
                 break
             w = -pulled
         if res is None or it == iterations and float(res.max()) >= tol:
-            res = (w + warp_field(disp, grid, w, ident)).norm(dim=1)
+            res = _lengths(w + warp_field(disp, grid, w, ident))
     return InversionResult(w, float(res.max()), float(res.mean()), it)
 
 
