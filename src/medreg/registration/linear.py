@@ -63,7 +63,7 @@ class LinearOptions:
     iterations: int | tuple[int, ...] | None = None
     optimizer: str | tuple[str, ...] | None = None
     lr: float = 0.25
-    samples: int | str | None = "auto"
+    samples: int | str | None | tuple[int | str | None, ...] = "auto"
     stochastic: bool | str = "auto"
     average: float = 0.5
     bins: int | str = "auto"
@@ -111,12 +111,13 @@ class LinearOptions:
         other levels use L-BFGS-B (a small level of a stochastic schedule: all its voxels) or,
         on the coarse levels of a deterministic schedule, Adam.
         """
-        samples = sample_count(self.samples, numel, bool(self.stochastic))
+        chosen = self.samples[i] if isinstance(self.samples, (tuple, list)) else self.samples
+        samples = sample_count(chosen, numel, bool(self.stochastic))
         use_grid = samples is None or needs_grid or samples >= numel
         samples = None if use_grid else samples
         name = self.optimizer[i] if self.optimizer is not None else None
         stochastic = bool(self.stochastic) and not use_grid and name != "lbfgs"
-        if not stochastic and self.stochastic and self.samples == "auto" and not use_grid:
+        if not stochastic and self.stochastic and chosen == "auto" and not use_grid:
             samples = sample_count("auto", numel, False)  # an L-BFGS-B level: deterministic size
         if name is None:  # deterministic schedule: Adam, then L-BFGS-B on the finest level
             last = i == len(self.levels) - 1

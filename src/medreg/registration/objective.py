@@ -11,7 +11,6 @@ import torch
 from medreg.core.axes import index_from_flat
 from medreg.core.image import Image
 from medreg.core.sampling import (
-    apply_homogeneous,
     inside_bounds,
     norm_bounds,
     sample,
@@ -19,6 +18,7 @@ from medreg.core.sampling import (
 )
 from medreg.errors import MedregError
 from medreg.metrics import Metric
+from medreg.registration.interp import WarpedValues, interp_linear, interp_nearest
 from medreg.resample import resample
 from medreg.transforms.base import Transform
 from medreg.transforms.linear import LinearTransform
@@ -79,6 +79,11 @@ class LevelObjective:
         self._norm_from_world = torch.as_tensor(self.moving.grid.norm_from_world,
                                                 dtype=torch.float64)
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # moving FOV, norm coords
+        self._index_from_world = torch.as_tensor(self.moving.grid.index_from_world,
+                                                 dtype=torch.float64)
+        # moving field of view in voxel indices, [-0.5, size - 0.5] per axis (ITK's rule)
+        size = torch.tensor(self.moving.grid.size, dtype=dtype)[:, None]
+        self._index_lo, self._index_hi = torch.full_like(size, -0.5 - 1e-6), size - 0.5 + 1e-6
         self.candidates = None if fmask is None else torch.nonzero(fmask.reshape(-1)).squeeze(1)
         self.batches = max(1, int(batches)) if self.stochastic else 1
         self._draw()
@@ -97,6 +102,7 @@ class LevelObjective:
         """Choose the fixed points: all voxels, or ``batches`` random subsets of ``samples``."""
         if self.use_grid:
             self.points = self.fixed.grid.world_points(self.fvals.dtype)  # (*S, dim)
+            self.rows = self.points.reshape(-1, self.points.shape[-1]).T.contiguous()
             self.values, self.weights = self.fvals, self.fmask
             return
         pool = self.candidates
@@ -107,34 +113,34 @@ class LevelObjective:
         u = torch.rand(self.batches, n, generator=self.generator).double()  # float32 RNG: 3x faster
         pick = ((torch.arange(n, dtype=torch.float64) + u) * (n_pool / n)).long().reshape(-1)
         idx = pool[pick.clamp_max(n_pool - 1)] if pool is not None else pick.clamp_max(n_pool - 1)
-        index = index_from_flat(idx, self.fixed.grid.size).to(self.fvals.dtype)  # x, y[, z]
+        index = index_from_flat(idx, self.fixed.grid.size).T.to(self.fvals.dtype)  # (dim, B*n)
         if self.off_grid:
             # jitter within the voxel so fixed and moving are both interpolated: this removes
             # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
             index = index + (torch.rand(index.shape, generator=self.generator)
                              .to(index.dtype) - 0.5)
-            norm = apply_homogeneous(self.fixed.grid.norm_from_index, index)
-            values = sample(self.fixed.batch, norm[None], padding="border")[0]
+            values = interp_linear(self.fvals, index, with_grad=False)[0]
         else:
             values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
-        points = apply_homogeneous(self.fixed.grid.world_from_index, index)
-        self._pool_points, self._pool_values = points.split(n), values.split(n, dim=1)
-        self.points, self.values, self.weights = self._pool_points[0], self._pool_values[0], None
+        w = torch.as_tensor(self.fixed.grid.world_from_index, dtype=index.dtype)
+        rows = torch.addmm(w[:-1, -1:], w[:-1, :-1], index)  # (dim, B*n) world mm
+        dim, c = rows.shape[0], values.shape[0]
+        self._pool_rows = rows.reshape(dim, self.batches, n).transpose(0, 1).contiguous()
+        self._pool_values = values.reshape(c, self.batches, n).transpose(0, 1).contiguous()
+        self.weights = None
+        self._set_batch(0)
+
+    def _set_batch(self, b: int) -> None:
+        self.rows, self.values = self._pool_rows[b], self._pool_values[b]
+        self.points = self.rows.T  # (n, dim) view, for transforms other than LinearTransform
 
     def _next_batch(self) -> None:
         """Move to the next pre-drawn batch of points (stochastic mode), cycling."""
         self._next = (self._next + 1) % self.batches
-        self.points, self.values = self._pool_points[self._next], self._pool_values[self._next]
+        self._set_batch(self._next)
 
     def warped_points(self, transform: Transform) -> torch.Tensor:
         """Moving-space normalized coordinates of the fixed points, ``(*P, dim)``."""
-        if isinstance(transform, LinearTransform):  # fewest tensor ops: this runs every step
-            a, o = transform.linear_and_offset()
-            n = self._norm_from_world
-            lin = (n[:-1, :-1] @ a).to(self.points.dtype)
-            off = (n[:-1, :-1] @ o + n[:-1, -1]).to(self.points.dtype)
-            return torch.addmm(off, self.points.reshape(-1, a.shape[0]), lin.T).reshape(
-                self.points.shape)
         if transform.is_linear:
             m = (self._norm_from_world @ transform.matrix()).to(self.points.dtype)
             return self.points @ m[:-1, :-1].T + m[:-1, -1]
@@ -143,6 +149,33 @@ class LevelObjective:
     def __call__(self, transform: Transform) -> torch.Tensor:
         if self.stochastic:
             self._next_batch()
+        if isinstance(transform, LinearTransform):
+            warped, weight = self._warp_linear(transform)
+        else:
+            warped, weight = self._warp_general(transform)
+        if self.weights is not None:
+            weight = weight * self.weights[None].to(weight.dtype)
+        if float(weight.sum()) == 0:
+            # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
+            return warped.sum() * 0.0 + NO_OVERLAP_LOSS
+        return self.metric(self.values[None], warped, weight, **self.ranges)
+
+    def _warp_linear(self, transform: LinearTransform) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast path: ``(1, C, *P)`` moving values and ``(1, 1, *P)`` overlap weights, with
+        the backward pass through :class:`WarpedValues` (no per-point autograd graph)."""
+        a, o = transform.linear_and_offset()
+        m = self._index_from_world
+        lin, off = m[:-1, :-1] @ a, m[:-1, :-1] @ o + m[:-1, -1]
+        values, index = WarpedValues.apply(lin, off, self.rows, self.moving.tensor)
+        inside = (index >= self._index_lo) & (index <= self._index_hi)  # (dim, n)
+        weight = inside.all(0).to(values.dtype)
+        if self.moving_mask is not None:
+            weight = weight * interp_nearest(self.moving_mask, index)[0]
+        shape = self.points.shape[:-1]
+        return values.reshape(1, -1, *shape), weight.reshape(1, 1, *shape)
+
+    def _warp_general(self, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any transform, through ``grid_sample`` and autograd."""
         norm = self.warped_points(transform)
         warped = sample(self.moving.batch, norm[None], padding="border")  # (1, C, *P)
         if self._bounds is None:
@@ -151,9 +184,4 @@ class LevelObjective:
         if self.moving_mask is not None:
             mm = sample(self.moving_mask[None].to(norm.dtype), norm.detach()[None], mode="nearest")
             weight = weight * mm
-        if self.weights is not None:
-            weight = weight * self.weights[None].to(weight.dtype)
-        if float(weight.sum()) == 0:
-            # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
-            return warped.sum() * 0.0 + NO_OVERLAP_LOSS
-        return self.metric(self.values[None], warped, weight, **self.ranges)
+        return warped, weight

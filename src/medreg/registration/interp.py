@@ -1,0 +1,131 @@
+"""Linear interpolation at scattered points, with its exact spatial gradient in the same pass.
+
+The linear stage evaluates a few thousand points per iteration; there ``grid_sample`` (and
+above all its backward pass) costs more than the rest of the step. Gathering the ``2**dim``
+corner values once and weighting them gives the value *and* its derivatives, so the backward
+pass is a product with what the forward pass kept.
+
+Convention: images are ``(C, *S)`` tensors in tensor order (``z, y, x``); points are ``(n, dim)``
+continuous voxel indices in coordinate order ``(x, y[, z])``, voxel centres at integers (x
+varies fastest in memory). Points outside ``[0, size - 1]`` are clamped to the border, as
+``grid_sample(..., padding_mode="border", align_corners=True)``, and the derivative along a
+clamped axis is zero (as its backward pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def corner_offsets(size: Sequence[int], device=None) -> torch.Tensor:
+    """``(2**dim,)`` flat offsets of a cell's corners; ``size`` in ``(x, y[, z])`` order.
+
+    Corner ``k`` has bit ``a`` of ``k`` (counted from the last axis ``z`` down) set when it is
+    the upper neighbour along axis ``a``: x is the fastest (lowest bit), as :func:`interp_linear`
+    reduces them.
+    Axes of size 1 get offset 0 (both "corners" are the same voxel).
+    """
+    strides, s = [], 1
+    for n in size:
+        strides.append(s if n > 1 else 0)
+        s *= n
+    off = torch.zeros(1, dtype=torch.long, device=device)
+    for st in reversed(strides):  # z slowest ... x fastest
+        off = (off[:, None] + torch.tensor([0, st], device=device)).reshape(-1)
+    return off
+
+
+def _corner_values(image: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``(C, 2**dim, n)`` values at the corners of the cells whose lowest corners are the
+    ``(dim, n)`` integer-valued ``base`` indices (corner ``k``: bit ``a`` set = upper along
+    axis ``a``, x the lowest bit)."""
+    c, size = image.shape[0], image.shape[1:][::-1]
+    strides = _strides(size)
+    exact = torch.float32 if image[0].numel() < 2**24 else torch.float64  # exact integers
+    st = torch.tensor(strides, dtype=exact, device=base.device)
+    flat = (st @ base.to(exact)).long()  # (n,)
+    corners = flat + corner_offsets(size, base.device)[:, None]  # (2**dim, n)
+    return image.reshape(c, -1).index_select(1, corners.reshape(-1)).reshape(c, -1, flat.shape[0])
+
+
+def interp_linear(image: torch.Tensor, index: torch.Tensor, with_grad: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Values and index-space gradients of ``(C, *S)`` ``image`` at ``(dim, n)`` ``index``.
+
+    ``index`` holds one row per axis (x first), the transpose of the usual point layout: each
+    axis is then a contiguous vector, which keeps every step a plain elementwise operation.
+    Not differentiable itself (use the returned gradient, or ``grid_sample`` for autograd).
+
+    Returns:
+        ``values`` ``(C, n)`` and ``grad`` ``(dim, C, n)`` (d value / d index along x, y[, z]),
+        or ``None`` without ``with_grad``.
+    """
+    size = image.shape[1:][::-1]  # (x, y[, z])
+    hi = torch.tensor([[max(s - 1, 0)] for s in size], dtype=index.dtype, device=index.device)
+    top = torch.tensor([[max(s - 2, 0)] for s in size], dtype=index.dtype, device=index.device)
+    clamped = torch.minimum(index.clamp_min(0.0), hi)
+    base = torch.minimum(clamped.floor(), top)
+    frac = clamped - base  # (dim, n) in [0, 1]
+    v = _corner_values(image, base)  # (C, 2**dim, n)
+    grads: list[torch.Tensor] = []
+    for a in range(index.shape[0]):  # x first: the lowest corner bit
+        lo, hi_ = v[:, 0::2], v[:, 1::2]
+        f = frac[a]
+        if with_grad:
+            grads = [torch.lerp(g[:, 0::2], g[:, 1::2], f) for g in grads] + [hi_ - lo]
+        v = torch.lerp(lo, hi_, f)
+    if not with_grad:
+        return v[:, 0], None
+    grad = torch.cat(grads, dim=1).transpose(0, 1)  # (dim, C, n)
+    return v[:, 0], grad * (index == clamped).to(grad.dtype)[:, None]  # zero where clamped
+
+
+def _strides(size: Sequence[int]) -> list[int]:
+    out, s = [], 1
+    for n in size:
+        out.append(s)
+        s *= n
+    return out
+
+
+class WarpedValues(torch.autograd.Function):
+    """Moving values at ``A x + o`` for fixed points ``x``, differentiable in ``(A, o)``.
+
+    ``forward(lin, off, points, image)``: ``lin`` ``(dim, dim)`` and ``off`` ``(dim,)`` map
+    the points, given as ``(dim, n)`` rows, to moving voxel indices (computed in the points'
+    dtype); ``image`` is ``(C, *S)``. Returns ``values`` ``(C, n)`` and the ``(dim, n)``
+    indices (not differentiable, for field-of-view tests). The backward pass contracts the
+    incoming ``dL/dvalues`` with the gradient kept by the forward pass: no graph per point.
+    """
+
+    @staticmethod
+    def forward(ctx, lin, off, points, image):  # noqa: D102
+        dtype = points.dtype
+        index = torch.addmm(off.to(dtype)[:, None], lin.to(dtype), points)
+        values, grad = interp_linear(image, index)
+        ctx.save_for_backward(points, grad)
+        ctx.dtypes = (lin.dtype, off.dtype)
+        ctx.mark_non_differentiable(index)
+        return values, index
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_index):  # noqa: D102
+        points, grad = ctx.saved_tensors  # (dim, n), (dim, C, n)
+        if grad.shape[1] == 1:
+            g = grad[:, 0] * grad_values  # (dim, n): dL / d index
+        else:
+            g = (grad * grad_values).sum(1)
+        return (g @ points.T).to(ctx.dtypes[0]), g.sum(1).to(ctx.dtypes[1]), None, None
+
+
+def interp_nearest(image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(C, n)`` values of the voxels nearest to ``(dim, n)`` ``index`` rows (x first),
+    clamped to the image (callers weight out-of-field points themselves)."""
+    size = image.shape[1:][::-1]
+    hi = torch.tensor([[s - 1] for s in size], dtype=index.dtype, device=index.device)
+    near = torch.minimum(index.round().clamp_min(0.0), hi)
+    exact = torch.float32 if image[0].numel() < 2**24 else torch.float64
+    st = torch.tensor(_strides(size), dtype=exact, device=index.device)
+    return image.reshape(image.shape[0], -1)[:, (st @ near.to(exact)).long()]
