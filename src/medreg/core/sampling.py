@@ -32,9 +32,49 @@ def sample(tensor: torch.Tensor, norm_points: torch.Tensor, *, mode: str = "line
     pts = norm_points
     if len(pshape) != spatial:
         pts = norm_points.reshape(n, -1, *([1] * (spatial - 1)), dim)
-    out = F.grid_sample(tensor, pts.to(tensor.dtype), mode=_MODES[mode], padding_mode=padding,
-                        align_corners=ALIGN_CORNERS)
+    pts = pts.to(tensor.dtype)
+    slabs = _slab_count(tensor, pts)
+    if slabs > 1:
+        out = _sample_in_slabs(tensor, pts, slabs, mode, padding)
+    else:
+        out = F.grid_sample(tensor, pts, mode=_MODES[mode], padding_mode=padding,
+                            align_corners=ALIGN_CORNERS)
     return out.reshape(n, tensor.shape[1], *pshape)
+
+
+#: Points per 3D sample call above which the CPU work is split over the intra-op threads.
+SPLIT_POINTS = 200_000
+
+
+def _slab_count(tensor: torch.Tensor, pts: torch.Tensor) -> int:
+    """Slabs for a 3D CPU ``grid_sample`` of one batch item (ATen runs it on one thread per
+    batch item, so a single large volume would use one core)."""
+    k = torch.get_num_threads()
+    if (k < 2 or tensor.ndim != 5 or tensor.shape[0] != 1 or tensor.device.type != "cpu"
+            or pts[0, ..., 0].numel() < SPLIT_POINTS):
+        return 1
+    return max(1, min(k, pts.shape[1] // 2))
+
+
+def _sample_in_slabs(tensor: torch.Tensor, pts: torch.Tensor, k: int, mode: str,
+                     padding: str) -> torch.Tensor:
+    """``grid_sample`` of ``(1, C, *S)`` at ``(1, Do, Ho, Wo, 3)`` points as ``k`` batch items.
+
+    The first output axis is cut into ``k`` equal slabs of ``c`` slices starting every ``s``
+    slices (``s (k - 1) + c = Do``, so neighbours may overlap): a strided view of the points
+    and a stride-0 view of the image, no copies. Returns ``(1, C, Do, Ho, Wo)``.
+    """
+    d = pts.shape[1]
+    c = -(-d // k)
+    while (d - c) % (k - 1):
+        c += 1
+    s = (d - c) // (k - 1)
+    st = pts.stride()
+    slabs = pts.as_strided((k, c, *pts.shape[2:]), (s * st[1], *st[1:]))
+    out = F.grid_sample(tensor.expand(k, *tensor.shape[1:]), slabs, mode=_MODES[mode],
+                        padding_mode=padding, align_corners=ALIGN_CORNERS)
+    parts = [out[i:i + 1, :, :s] for i in range(k - 1)] + [out[k - 1:]]
+    return torch.cat(parts, dim=2)
 
 
 def theta_between(out_grid: Grid, in_grid: Grid, world_matrix: np.ndarray | torch.Tensor,
