@@ -47,7 +47,8 @@ COLIN = ROOT.parent / "shared/data/brain/colin27"
 MNI = ROOT.parent / "shared/data/brain/mni152_2009a"
 THREADS = "2"
 PEERS = ("medreg-syn", "medreg-svf", "medreg-bspline", "ants-syn", "ants-synra", "dipy-syn",
-         "elastix-bspline", "simpleitk-bspline", "medreg-syn-masked", "ants-syn-masked")
+         "elastix-bspline", "simpleitk-bspline", "medreg-affine-syn", "medreg-syn-masked",
+         "ants-syn-masked")
 
 
 # --------------------------------------------------------------------------- case
@@ -95,13 +96,17 @@ def _tissue_kmeans(brain: np.ndarray, iterations: int = 30) -> np.ndarray:
 
 
 def build_inter_case(root: Path, resolution: float) -> Path:
-    """Colin27 (moving, with scalp) onto the ICBM 2009a template (fixed, with scalp), tissue labels.
+    """Colin27's brain (moving) onto the ICBM 2009a template (fixed), tissue labels.
+
+    The template in ``../shared/data`` (nilearn's copy) is skull-stripped, so the moving image is
+    Colin27's skull-stripped T1 (``ch2bet``): registering a whole head onto a brain-only
+    template would reward squeezing the scalp into the brain.
 
     Fixed labels: GM (1) / WM (2) where the template's GM / WM probability is the larger and
     above 0.5. Moving labels (1 mm, Colin27 grid): the GM and WM classes of a 3-means of the
-    skull-stripped Colin27 intensities. Both images live in MNI world space, so no linear
-    initialization is needed. ``moving_mask.nii.gz`` (Colin27's brain, from ``ch2bet``) is used
-    by the ``medreg-syn-masked`` and ``ants-syn-masked`` rows only.
+    skull-stripped Colin27 intensities. Both images live in MNI world space; the
+    ``*-affine-*`` rows add a linear stage first. ``moving_mask.nii.gz`` (Colin27's brain) is
+    used by the ``*-masked`` rows only.
     """
     import torch
 
@@ -110,19 +115,19 @@ def build_inter_case(root: Path, resolution: float) -> Path:
     from medreg.io.images import read_image, write_image
     from medreg.resample import resample
 
-    case = root / f"colin27-to-mni-{resolution:g}mm"
+    case = root / f"colin27brain-to-mni-{resolution:g}mm"
     if (case / "done").exists():
         return case
     case.mkdir(parents=True, exist_ok=True)
     t1 = read_image(MNI / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz").float()
     gm = read_image(MNI / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").tensor.float()
     wm = read_image(MNI / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").tensor.float()
-    colin = read_image(COLIN / "ch2.nii.gz").float()
     colin_bet = read_image(COLIN / "ch2bet.nii.gz")
     grid = t1.grid.downsample(resolution) if resolution > 1 else t1.grid
     fixed = smooth_downsample(t1, resolution, grid) if resolution > 1 else t1
-    mgrid = colin.grid.downsample(resolution) if resolution > 1 else colin.grid
-    moving = smooth_downsample(colin, resolution, mgrid) if resolution > 1 else colin
+    brain = colin_bet.float()
+    mgrid = brain.grid.downsample(resolution) if resolution > 1 else brain.grid
+    moving = smooth_downsample(brain, resolution, mgrid) if resolution > 1 else brain
     lab = torch.zeros_like(gm, dtype=torch.int16)
     lab[(gm >= wm) & (gm > 127)] = 1
     lab[(wm > gm) & (wm > 127)] = 2
@@ -154,7 +159,10 @@ def _stop() -> float:
     return time.perf_counter() - wall0
 
 
-def run_medreg(case: Path, out: Path, stage: str, masked: bool = False) -> float:
+def run_medreg(case: Path, out: Path, stage: str, masked: bool = False,
+               linear: bool = False) -> float:
+    """medreg's ``stage`` with LNCC; ``linear`` puts ``rigid,affine`` (MI, centres of mass) first,
+    as ANTs' ``SyN`` does."""
     import torch
 
     from medreg.io.fields import write_displacement_field
@@ -166,7 +174,10 @@ def run_medreg(case: Path, out: Path, stage: str, masked: bool = False) -> float
     mask = read_image(case / "moving_mask.nii.gz") if masked else None
     _start()
     opts = json.loads(os.environ.get("MEDREG_BENCH_OPTIONS", "{}"))
-    res = register(fixed, moving, transform=stage, metric="lncc", init="none",
+    if linear:
+        opts = {"deformable_metric": "lncc", **opts}
+    res = register(fixed, moving, transform=f"rigid,affine,{stage}" if linear else stage,
+                   metric="mi" if linear else "lncc", init="com" if linear else "none",
                    moving_mask=mask, **opts)
     took = _stop()
     write_displacement_field(res.transform, fixed.grid, out)
@@ -255,6 +266,7 @@ RUNNERS = {
     "medreg-syn": lambda c, o: run_medreg(c, o, "syn"),
     "medreg-svf": lambda c, o: run_medreg(c, o, "svf"),
     "medreg-bspline": lambda c, o: run_medreg(c, o, "bspline"),
+    "medreg-affine-syn": lambda c, o: run_medreg(c, o, "syn", linear=True),
     "medreg-syn-masked": lambda c, o: run_medreg(c, o, "syn", masked=True),  # inter-subject
     "ants-syn": lambda c, o: run_ants(c, o, "SyN"),
     "ants-synra": lambda c, o: run_ants(c, o, "SyNRA"),

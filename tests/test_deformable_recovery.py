@@ -98,3 +98,16 @@ def test_syn_with_linear_init_composes(case):
         truth = case["true"](pts) - torch.tensor([3.0, -2.0, 1.0])
         err = (out.transform(pts) - truth).norm(dim=-1)[case["brain"]]
     assert float(err.mean()) < 0.8
+
+
+def test_deformable_metric_applies_to_the_deformable_stage_only(case):
+    """``metric`` drives the linear stages, ``deformable_metric`` the ``syn`` stage."""
+    from medreg.registration.api import register
+
+    res = register(case["fixed"], case["moving"], transform="affine,syn", metric="mi",
+                   deformable_metric="lncc", init="none", levels=(2, 1),
+                   iterations=(20, 10))
+    syn = res.stages[1]
+    assert syn["name"] == "syn" and syn["info"]["metric"] == "lncc"
+    before, after = _errors(case, res.transform)
+    assert after < 0.8 * before

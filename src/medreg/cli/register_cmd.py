@@ -58,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transform", default="rigid,affine",
                    help=f"comma-separated stages from: {', '.join(STAGES)} (default rigid,affine)")
     p.add_argument("--metric", default="mi", choices=sorted(METRICS))
+    p.add_argument("--deformable-metric", choices=sorted(METRICS),
+                   help="metric of the bspline/svf/syn stages (default: --metric), e.g. "
+                        "--metric mi --deformable-metric lncc for rigid,affine,syn")
     p.add_argument("--method", default="intensity", choices=sorted(METHODS))
     p.add_argument("--init", default="geometry", choices=sorted(INITIALIZERS))
     p.add_argument("--fixed-mask")
@@ -87,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = dict(args.option)
     for key in ("levels", "iterations", "optimizer", "bins", "model", "fixed_points",
-                "moving_points"):
+                "moving_points", "deformable_metric"):
         value = getattr(args, key)
         if value is not None:
             opts[key] = value

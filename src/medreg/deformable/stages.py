@@ -8,7 +8,9 @@ inverse (moving->fixed).
 Options (``ctx.options``; strings such as ``"4,2,1"`` are accepted for tuples):
     levels, iterations, lr, grad_sigma, field_sigma, field_factor, steps, window (LNCC box,
     voxels), tol, spacing (B-spline control points, mm), diffusion, bending, elastic, tv,
-    folding, mu, lam (regularizer weights, physical units), metric (overrides ``ctx.metric``).
+    folding, mu, lam (regularizer weights, physical units), deformable_metric (overrides
+    ``ctx.metric`` for these stages only, e.g. ``mi`` for ``rigid,affine`` and ``lncc`` for
+    ``syn``).
     ``syn`` is greedy (:mod:`medreg.deformable.greedy`): ``step`` (longest update, level voxels)
     replaces ``lr``; its regularization is the smoothing (``grad_sigma``, ``field_sigma``), so
     it takes no regularizer weights.
@@ -43,7 +45,7 @@ _COMMON = dict(levels=(4.0, 2.0, 1.0), iterations=(100, 60, 30), tol=1e-4, windo
                metric=None)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "svf": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
-    "syn": dict(levels=(4.0, 2.0, 1.0), iterations=(100, 20, 6), tol=1e-4, window=5,
+    "syn": dict(levels=(4.0, 2.0, 1.0), iterations=(60, 20, 6), tol=1e-4, window=5,
                 metric=None, step=0.25, grad_sigma=3.0, field_sigma=0.5, field_factor=2.0),
     "bspline": dict(_COMMON, lr=0.05, grad_sigma=0.0, field_sigma=0.0, field_factor=2.0,
                     steps=0, spacing=12.0, bending=0.0, folding=10.0),
@@ -65,6 +67,8 @@ def _as_tuple(value: Any, cast: type, name: str) -> tuple:
 def _config(ctx: StageContext, kind: str) -> dict[str, Any]:
     cfg = dict(DEFAULTS[kind])
     for key, value in ctx.options.items():
+        if key == "deformable_metric":  # the linear stages use ``ctx.metric``
+            key = "metric"
         if key not in cfg:
             continue  # options of other stages travel in the same dict
         if key in _TUPLES:
