@@ -107,3 +107,23 @@ def test_averaging_needs_a_first_order_optimizer():
         OptimizerConfig(name="lbfgs", average=0.5)
     with pytest.raises(ValueError, match="average"):
         OptimizerConfig(name="adam", average=1.0)
+
+
+def test_pyramid_box_shrink_matches_blur_then_resample():
+    """Even sizes take the box-average shrink (blur after shrinking); odd ones resample. The
+    shrink must land on ``grid.downsample(f)`` and keep the blurred image within a few percent
+    of blurring first and resampling."""
+    from medreg.engine.pyramid import smooth_image
+    from medreg.resample import resample
+
+    grid = oblique_grid((40, 36, 32))
+    img = blob_image(grid, seed=3)
+    levels = gaussian_pyramid(img, (4, 2, 1))
+    for level, f in zip(levels, (4, 2, 1), strict=True):
+        assert level.grid.is_close(grid.downsample(f))
+    torch.testing.assert_close(levels[2].tensor, img.tensor)  # finest level: no blur
+    base = min(grid.spacing)
+    for level, f in zip(levels[:2], (4, 2), strict=True):
+        ref = resample(smooth_image(img, 0.5 * f * base), grid.downsample(f)).tensor
+        peak = float(ref.abs().max())
+        assert float((level.tensor - ref).abs().max()) < 0.05 * peak

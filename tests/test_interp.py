@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medreg.registration.interp import WarpedValues, interp_linear, interp_nearest
+from medreg.registration.interp import (
+    PointInterpolator,
+    WarpedValues,
+    interp_linear,
+    interp_nearest,
+)
 
 
 def _reference(image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,8 @@ def test_warped_values_gradcheck_float64():
     lin = (torch.eye(3, dtype=torch.float64) + 0.1 * torch.randn(3, 3, dtype=torch.float64,
                                                                  generator=gen)).requires_grad_()
     off = torch.tensor([2.0, 3.0, 3.5], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, o: WarpedValues.apply(a, o, points, image)[0],
+    sampler = PointInterpolator(image)
+    assert torch.autograd.gradcheck(lambda a, o: WarpedValues.apply(a, o, points, sampler)[0],
                                     (lin, off))
 
 
@@ -75,7 +81,7 @@ def test_warped_values_backward_matches_autograd_reference():
     lin = torch.eye(3, dtype=torch.float64) * 1.1
     off = torch.tensor([1.0, 0.5, 1.5], dtype=torch.float64)
     a1, o1 = lin.clone().requires_grad_(), off.clone().requires_grad_()
-    values, index = WarpedValues.apply(a1, o1, points, image)
+    values, index = WarpedValues.apply(a1, o1, points, PointInterpolator(image))
     (values ** 2).sum().backward()
     a2, o2 = lin.clone().requires_grad_(), off.clone().requires_grad_()
     idx = torch.addmm(o2.float()[:, None], a2.float(), points)

@@ -196,9 +196,17 @@ def test_linear_schedule_plans_levels():
     from medreg.registration.linear import LinearOptions
 
     opts = LinearOptions.from_options({})
-    assert opts.stochastic and opts.iterations == (40, 40, 60)
+    assert opts.stochastic and opts.iterations == (40, 40, 40)
     assert opts.level_plan(0, 5_000, needs_grid=False) == ("lbfgs", None, False)
-    assert opts.level_plan(2, 1_000_000, needs_grid=False) == ("adam", 8000, True)
+    assert opts.level_plan(2, 1_000_000, needs_grid=False) == ("adam", 16_000, True)
+    assert opts.level_plan(1, 1_000_000, needs_grid=False) == ("adam", 4000, True)
+    assert opts.level_plan(0, 1_000_000, needs_grid=False) == ("adam", 2000, True)
+    per_level = LinearOptions.from_options({"samples": [500, None, "auto"]})
+    assert per_level.level_plan(0, 10**6, False) == ("adam", 500, True)
+    assert per_level.level_plan(1, 10**6, False) == ("lbfgs", None, False)
+    assert per_level.level_plan(2, 10**6, False) == ("adam", 16_000, True)
+    with pytest.raises(MedregError, match="sample count per level"):
+        LinearOptions.from_options({"samples": [1000, 2000]})
     lncc = LinearOptions.from_options({}, needs_grid=True)
     assert not lncc.stochastic and lncc.iterations == (60, 40, 25)
     assert lncc.level_plan(0, 10**6, True) == ("adam", None, False)

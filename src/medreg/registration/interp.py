@@ -37,49 +37,71 @@ def corner_offsets(size: Sequence[int], device=None) -> torch.Tensor:
     return off
 
 
-def _corner_values(image: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``(C, 2**dim, n)`` values at the corners of the cells whose lowest corners are the
-    ``(dim, n)`` integer-valued ``base`` indices (corner ``k``: bit ``a`` set = upper along
-    axis ``a``, x the lowest bit)."""
-    c, size = image.shape[0], image.shape[1:][::-1]
-    strides = _strides(size)
-    exact = torch.float32 if image[0].numel() < 2**24 else torch.float64  # exact integers
-    st = torch.tensor(strides, dtype=exact, device=base.device)
-    flat = (st @ base.to(exact)).long()  # (n,)
-    corners = flat + corner_offsets(size, base.device)[:, None]  # (2**dim, n)
-    return image.reshape(c, -1).index_select(1, corners.reshape(-1)).reshape(c, -1, flat.shape[0])
+class PointInterpolator:
+    """Linear (and nearest) interpolation of one ``(C, *S)`` image at ``(dim, n)`` index rows.
+
+    ``index`` holds one row per axis (x first), the transpose of the usual point layout: each
+    axis is then a contiguous vector, which keeps every step a plain elementwise operation.
+    The per-image constants (bounds, strides, corner offsets) are built once, since the linear
+    stage calls this a few hundred times on small point sets.
+    """
+
+    def __init__(self, image: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        self.image = image
+        self.flat = image.reshape(image.shape[0], -1)
+        dtype = dtype or image.dtype
+        size = image.shape[1:][::-1]  # (x, y[, z])
+        kw = dict(dtype=dtype, device=image.device)
+        self.hi = torch.tensor([[max(s - 1, 0)] for s in size], **kw)
+        self.top = torch.tensor([[max(s - 2, 0)] for s in size], **kw)
+        # flat offsets as exact integers: float32 up to 2**24 voxels, else float64
+        self.exact = torch.float32 if image[0].numel() < 2**24 else torch.float64
+        self.strides = torch.tensor(_strides(size), dtype=self.exact, device=image.device)
+        self.offsets = corner_offsets(size, image.device)[:, None]  # (2**dim, 1)
+
+    def _flat(self, index: torch.Tensor) -> torch.Tensor:
+        return (self.strides @ index.to(self.exact)).long()
+
+    def linear(self, index: torch.Tensor, with_grad: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Values ``(C, n)`` and index-space gradients ``(dim, C, n)`` (d value / d index along
+        x, y[, z]; ``None`` without ``with_grad``) at the ``(dim, n)`` rows ``index``."""
+        clamped = torch.minimum(index.clamp_min(0.0), self.hi)
+        base = torch.minimum(clamped.floor(), self.top)
+        frac = clamped - base  # (dim, n) in [0, 1]
+        corners = self._flat(base) + self.offsets  # (2**dim, n)
+        v = self.flat.index_select(1, corners.reshape(-1)).reshape(self.flat.shape[0], -1,
+                                                                   index.shape[1])
+        grads: list[torch.Tensor] = []
+        for a in range(index.shape[0]):  # x first: the lowest corner bit
+            lo, hi = v[:, 0::2], v[:, 1::2]
+            f = frac[a]
+            if with_grad:
+                grads = [torch.lerp(g[:, 0::2], g[:, 1::2], f) for g in grads] + [hi - lo]
+            v = torch.lerp(lo, hi, f)
+        if not with_grad:
+            return v[:, 0], None
+        grad = torch.cat(grads, dim=1).transpose(0, 1)  # (dim, C, n)
+        return v[:, 0], grad * (index == clamped).to(grad.dtype)[:, None]  # 0 where clamped
+
+    def nearest(self, index: torch.Tensor) -> torch.Tensor:
+        """``(C, n)`` values of the voxels nearest to the ``(dim, n)`` rows ``index``, clamped
+        to the image (callers weight out-of-field points themselves)."""
+        near = torch.minimum(index.round().clamp_min(0.0), self.hi)
+        return self.flat[:, self._flat(near)]
 
 
 def interp_linear(image: torch.Tensor, index: torch.Tensor, with_grad: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Values and index-space gradients of ``(C, *S)`` ``image`` at ``(dim, n)`` ``index``.
+    """Values and index-space gradients of ``(C, *S)`` ``image`` at ``(dim, n)`` ``index``
+    (see :meth:`PointInterpolator.linear`). Not differentiable itself: use the returned
+    gradient, or ``grid_sample`` for autograd."""
+    return PointInterpolator(image, index.dtype).linear(index, with_grad)
 
-    ``index`` holds one row per axis (x first), the transpose of the usual point layout: each
-    axis is then a contiguous vector, which keeps every step a plain elementwise operation.
-    Not differentiable itself (use the returned gradient, or ``grid_sample`` for autograd).
 
-    Returns:
-        ``values`` ``(C, n)`` and ``grad`` ``(dim, C, n)`` (d value / d index along x, y[, z]),
-        or ``None`` without ``with_grad``.
-    """
-    size = image.shape[1:][::-1]  # (x, y[, z])
-    hi = torch.tensor([[max(s - 1, 0)] for s in size], dtype=index.dtype, device=index.device)
-    top = torch.tensor([[max(s - 2, 0)] for s in size], dtype=index.dtype, device=index.device)
-    clamped = torch.minimum(index.clamp_min(0.0), hi)
-    base = torch.minimum(clamped.floor(), top)
-    frac = clamped - base  # (dim, n) in [0, 1]
-    v = _corner_values(image, base)  # (C, 2**dim, n)
-    grads: list[torch.Tensor] = []
-    for a in range(index.shape[0]):  # x first: the lowest corner bit
-        lo, hi_ = v[:, 0::2], v[:, 1::2]
-        f = frac[a]
-        if with_grad:
-            grads = [torch.lerp(g[:, 0::2], g[:, 1::2], f) for g in grads] + [hi_ - lo]
-        v = torch.lerp(lo, hi_, f)
-    if not with_grad:
-        return v[:, 0], None
-    grad = torch.cat(grads, dim=1).transpose(0, 1)  # (dim, C, n)
-    return v[:, 0], grad * (index == clamped).to(grad.dtype)[:, None]  # zero where clamped
+def interp_nearest(image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """See :meth:`PointInterpolator.nearest`."""
+    return PointInterpolator(image, index.dtype).nearest(index)
 
 
 def _strides(size: Sequence[int]) -> list[int]:
@@ -93,18 +115,19 @@ def _strides(size: Sequence[int]) -> list[int]:
 class WarpedValues(torch.autograd.Function):
     """Moving values at ``A x + o`` for fixed points ``x``, differentiable in ``(A, o)``.
 
-    ``forward(lin, off, points, image)``: ``lin`` ``(dim, dim)`` and ``off`` ``(dim,)`` map
+    ``forward(lin, off, points, sampler)``: ``lin`` ``(dim, dim)`` and ``off`` ``(dim,)`` map
     the points, given as ``(dim, n)`` rows, to moving voxel indices (computed in the points'
-    dtype); ``image`` is ``(C, *S)``. Returns ``values`` ``(C, n)`` and the ``(dim, n)``
-    indices (not differentiable, for field-of-view tests). The backward pass contracts the
+    dtype); ``sampler`` is a :class:`PointInterpolator` of the ``(C, *S)`` moving image.
+    Returns ``values`` ``(C, n)`` and the ``(dim, n)`` indices (not differentiable, for
+    field-of-view tests). The backward pass contracts the
     incoming ``dL/dvalues`` with the gradient kept by the forward pass: no graph per point.
     """
 
     @staticmethod
-    def forward(ctx, lin, off, points, image):  # noqa: D102
+    def forward(ctx, lin, off, points, sampler):  # noqa: D102
         dtype = points.dtype
         index = torch.addmm(off.to(dtype)[:, None], lin.to(dtype), points)
-        values, grad = interp_linear(image, index)
+        values, grad = sampler.linear(index)
         ctx.save_for_backward(points, grad)
         ctx.dtypes = (lin.dtype, off.dtype)
         ctx.mark_non_differentiable(index)
@@ -119,13 +142,3 @@ class WarpedValues(torch.autograd.Function):
             g = (grad * grad_values).sum(1)
         return (g @ points.T).to(ctx.dtypes[0]), g.sum(1).to(ctx.dtypes[1]), None, None
 
-
-def interp_nearest(image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``(C, n)`` values of the voxels nearest to ``(dim, n)`` ``index`` rows (x first),
-    clamped to the image (callers weight out-of-field points themselves)."""
-    size = image.shape[1:][::-1]
-    hi = torch.tensor([[s - 1] for s in size], dtype=index.dtype, device=index.device)
-    near = torch.minimum(index.round().clamp_min(0.0), hi)
-    exact = torch.float32 if image[0].numel() < 2**24 else torch.float64
-    st = torch.tensor(_strides(size), dtype=exact, device=index.device)
-    return image.reshape(image.shape[0], -1)[:, (st @ near.to(exact)).long()]

@@ -18,7 +18,7 @@ from medreg.core.sampling import (
 )
 from medreg.errors import MedregError
 from medreg.metrics import Metric
-from medreg.registration.interp import WarpedValues, interp_linear, interp_nearest
+from medreg.registration.interp import PointInterpolator, WarpedValues, interp_linear
 from medreg.resample import resample
 from medreg.transforms.base import Transform
 from medreg.transforms.linear import LinearTransform
@@ -79,6 +79,7 @@ class LevelObjective:
         self._norm_from_world = torch.as_tensor(self.moving.grid.norm_from_world,
                                                 dtype=torch.float64)
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # moving FOV, norm coords
+        self._sampler: PointInterpolator | None = None  # built on first use
         self._index_from_world = torch.as_tensor(self.moving.grid.index_from_world,
                                                  dtype=torch.float64)
         # moving field of view in voxel indices, [-0.5, size - 0.5] per axis (ITK's rule)
@@ -166,11 +167,15 @@ class LevelObjective:
         a, o = transform.linear_and_offset()
         m = self._index_from_world
         lin, off = m[:-1, :-1] @ a, m[:-1, :-1] @ o + m[:-1, -1]
-        values, index = WarpedValues.apply(lin, off, self.rows, self.moving.tensor)
+        if self._sampler is None:
+            self._sampler = PointInterpolator(self.moving.tensor, self.rows.dtype)
+            self._mask_sampler = (None if self.moving_mask is None else
+                                  PointInterpolator(self.moving_mask.to(self.rows.dtype)))
+        values, index = WarpedValues.apply(lin, off, self.rows, self._sampler)
         inside = (index >= self._index_lo) & (index <= self._index_hi)  # (dim, n)
         weight = inside.all(0).to(values.dtype)
         if self.moving_mask is not None:
-            weight = weight * interp_nearest(self.moving_mask, index)[0]
+            weight = weight * self._mask_sampler.nearest(index)[0]
         shape = self.points.shape[:-1]
         return values.reshape(1, -1, *shape), weight.reshape(1, 1, *shape)
 
