@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
 from medreg.errors import MedregError
@@ -133,6 +132,8 @@ def _run_scipy_lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Ten
         bar.update(1)
         if callback is not None:
             callback(len(result.history) - 1, loss)
+
+    from scipy.optimize import minimize  # imported on use: 26 MB that deformable runs skip
 
     x0 = np.concatenate([p.detach().double().cpu().reshape(-1).numpy() for p in params])
     try:
