@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.deformable.fields import jacobian_determinant, sample_field
 from medreg.deformable.greedy import syn_mappings, world_gradient
@@ -92,3 +93,36 @@ def test_syn_ignores_what_the_moving_mask_excludes(slice_case):
     right = (slice(None), slice(nx // 2 + 25, None))  # well inside the excluded half
     free, masked = float(u[0][right][inner[right]].mean()), float(u[1][right][inner[right]].mean())
     assert free > 1.0 and masked < 0.25 * free, (free, masked)
+
+
+@pytest.mark.filterwarnings("ignore:Since version 1.3.0")
+def test_puller_ramps_rebuild_the_affine_sampling_grid():
+    """The per-axis ramps of ``_Puller`` sum to ``affine_norm_grid`` for any theta and shape."""
+    from medreg.core.sampling import affine_norm_grid
+    from medreg.deformable.greedy import _base_ramps
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((5, 1, 7), (4, 6), (3, 8, 2)):
+        d = len(shape)
+        theta = torch.eye(d + 1, dtype=torch.float64)[:d] + 0.3 * torch.randn(
+            d, d + 1, dtype=torch.float64, generator=gen)
+        grid = Grid(size=tuple(reversed(shape)))
+        ref = affine_norm_grid(theta, grid, torch.float64)[0]  # (*S, dim)
+        ramps = _base_ramps(theta, shape)
+        for k in range(d):
+            total = sum(ramps[k], torch.zeros(shape))
+            torch.testing.assert_close(total, ref[..., k].float(), atol=1e-6, rtol=0)
+
+
+def test_world_gradient_weight_and_reduce_match_the_full_product():
+    grid = Grid(size=(6, 5, 4), spacing=(1.0, 2.0, 1.5),
+                direction=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(1, 1, 4, 5, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(1, 1, 4, 5, 6, generator=gen, dtype=torch.float64)
+
+    def reduce(x):
+        return torch.nn.functional.avg_pool3d(x, 2, ceil_mode=True)
+
+    full = reduce(world_gradient(img, grid) * w)
+    torch.testing.assert_close(world_gradient(img, grid, w, reduce), full)

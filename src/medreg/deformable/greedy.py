@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medreg.core.axes import channels_to_vectors
+from medreg.core.axes import ALIGN_CORNERS, channels_to_vectors
 from medreg.core.grid import Grid
-from medreg.core.sampling import affine_norm_grid, sample, theta_between
+from medreg.core.sampling import sample, theta_between
 from medreg.deformable.fields import (
     compose_displacements,
     identity_norm,
@@ -52,18 +52,28 @@ from medreg.transforms.base import Transform
 Metric = Callable[..., torch.Tensor]
 
 
-def world_gradient(image: torch.Tensor, grid: Grid) -> torch.Tensor:
+def world_gradient(image: torch.Tensor, grid: Grid,
+                   weight: torch.Tensor | None = None,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Central-difference gradient of ``(1, 1, *S)`` in world mm -> ``(1, dim, *S)``.
+
+    With ``weight`` ``(1, 1, *S)`` and a linear ``reduce`` (e.g. area averaging onto a coarser
+    grid), returns ``reduce(weight * gradient)`` ``(1, dim, *S')``, one index axis at a time, so
+    only one image-sized derivative exists at once.
 
     Convention: index axis ``a`` runs along world direction ``D[:, a]`` with spacing ``s_a``, so
     ``grad_world = D @ (df/ds_a)_a``; channels are world (x, y[, z]); one-sided at the borders.
     """
     d = grid.ndim
     sp = [float(s) for s in grid.spacing]
-    g = image.new_empty((1, d, *image.shape[2:]))
+    parts = []
     for a in range(d):  # derivative along index axis a (coordinate order), one at a time
-        g[0, a] = torch.gradient(image[0, 0], spacing=sp[a], dim=d - 1 - a, edge_order=1)[0]
-    dmat = np.asarray(grid.direction_matrix)
+        g = torch.gradient(image[0, 0], spacing=sp[a], dim=d - 1 - a, edge_order=1)[0][None, None]
+        if weight is not None:
+            g.mul_(weight)
+        parts.append(g if reduce is None else reduce(g))
+    g = torch.cat(parts, dim=1)
+    dmat = np.asarray(grid.direction_matrix)  # D commutes with the (linear) weight and reduce
     if np.allclose(dmat, np.eye(d), atol=1e-9):
         return g
     m = torch.as_tensor(dmat, dtype=g.dtype, device=g.device)
@@ -96,7 +106,9 @@ class _Puller:
     Convention: normalized sampling points are ``base(x) + N u(x)`` with ``base = norm_from_world
     o L`` at the level's voxel centres and ``N`` its linear part; ``N u`` is formed on the field
     grid and then upsampled (interpolation commutes with the constant matrix), which saves a
-    full-resolution matrix product per iteration.
+    full-resolution matrix product per iteration. ``base`` is affine in the level's normalized
+    coordinates, so it is added as one broadcast 1D ramp per axis rather than stored as a
+    full-resolution grid (``dim`` image-sized tensors saved per puller).
     """
 
     def __init__(self, image: torch.Tensor, image_grid: Grid, level_grid: Grid,
@@ -107,13 +119,51 @@ class _Puller:
         self.image, self.resize = image, resize
         self.lin = torch.as_tensor(m[:d, :d], dtype=torch.float32)
         theta = theta_between(level_grid, image_grid, lin)  # level norm -> image norm
-        self.base = affine_norm_grid(theta, level_grid, torch.float32)  # (1, *S, dim)
+        self.ramps = _base_ramps(theta, level_grid.shape)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """``(1, dim, *S_field)`` mm -> ``(1, C, *S_level)`` pulled image."""
         offsets = torch.einsum("ij,bj...->bi...", self.lin, u)
-        moved = channels_to_vectors(self.resize.up(offsets)).add_(self.base)  # no extra buffer
-        return sample(self.image, moved, padding="border")
+        moved = self.resize.up(offsets)  # a new tensor (or ``offsets``, itself new)
+        for k, ramps in enumerate(self.ramps):  # in place: no extra full-resolution buffer
+            for ramp in ramps:
+                moved[0, k].add_(ramp)
+        return sample(self.image, channels_to_vectors(moved), padding="border")
+
+
+def _norm_centres(n: int) -> torch.Tensor:
+    """``(n,)`` float64 normalized voxel centres of one axis, as ``affine_grid`` makes them."""
+    if n == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    x = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+    return x if ALIGN_CORNERS else x * ((n - 1) / n)
+
+
+def _base_ramps(theta: torch.Tensor, shape: tuple[int, ...]) -> list[list[torch.Tensor]]:
+    """``affine_norm_grid(theta)`` as broadcastable 1D terms: ``base[..., k] = sum(ramps[k])``.
+
+    Args:
+        theta: ``(dim, dim+1)`` level-normalized -> image-normalized map.
+        shape: the level's tensor shape ``S`` (``(D, H, W)`` or ``(H, W)``).
+
+    Returns:
+        per output coordinate ``k``, ``dim`` tensors shaped to broadcast over ``S``; the
+        constant ``theta[k, dim]`` is folded into the first.
+    """
+    d = len(shape)
+    th = theta.to(torch.float64)
+    out = []
+    for k in range(d):
+        ramps = []
+        for a in range(d):  # coordinate a runs along tensor axis d - 1 - a
+            n = shape[d - 1 - a]
+            x = _norm_centres(n)
+            term = th[k, a] * x + (th[k, d] if a == 0 else 0.0)
+            view = [1] * d
+            view[d - 1 - a] = n
+            ramps.append(term.to(torch.float32).reshape(view))
+        out.append(ramps)
+    return out
 
 
 class GreedySyN:
@@ -208,7 +258,7 @@ class GreedySyN:
             g_f, g_m = torch.autograd.grad(loss, (fixed, moving))
         out = []
         for img, g in ((fixed, g_f), (moving, g_m)):
-            out.append(self.resize.down(world_gradient(img.detach(), level.grid).mul_(g)))
+            out.append(world_gradient(img.detach(), level.grid, g, self.resize.down))
         return float(loss.detach()), out
 
     def step(self, level: Level, params: list[torch.Tensor], opts: SolverOptions) -> float:

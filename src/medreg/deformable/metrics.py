@@ -128,17 +128,20 @@ def lncc_force(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | N
     """
     with torch.no_grad():  # in-place arithmetic: this runs once per greedy iteration
         inv = _inside_fraction(fixed.shape[2:], window, fixed.dtype, fixed.device).reciprocal_()
-        # one statistic at a time keeps the temporaries (and the peak memory) small
+        # one statistic at a time, and each buffer reused once its value is spent, keeps the
+        # peak at about seven image-sized tensors
         mf, mw, vf, vw, cov = (box_mean(x, window).mul_(inv) for x in (
             fixed, warped, fixed * fixed, warped * warped, fixed * warped))
         vf.addcmul_(mf, mf, value=-1).clamp_(min=0)
         vw.addcmul_(mw, mw, value=-1).clamp_(min=0)
         cov.addcmul_(mf, mw, value=-1)
-        t = cov / (vf * vw).add_(eps)  # A / (BC + eps)
-        loss = -_wmean(t * cov, mask)
-        fc, wc = fixed - mf, warped - mw
-        force_w = (t * vf).mul_(wc).sub_(fc).mul_(t).mul_(2)  # -2t (f' - t B w')
-        force_f = (t * vw).mul_(fc).sub_(wc).mul_(t).mul_(2)
+        t = torch.mul(vf, vw).add_(eps)
+        torch.div(cov, t, out=t)  # A / (BC + eps)
+        loss = -_wmean(cov.mul_(t), mask)
+        del cov
+        fc, wc = mf.neg_().add_(fixed), mw.neg_().add_(warped)  # f', w' in the means' buffers
+        force_w = vf.mul_(t).mul_(wc).sub_(fc).mul_(t).mul_(2)  # -2t (f' - t B w')
+        force_f = vw.mul_(t).mul_(fc).sub_(wc).mul_(t).mul_(2)
         if mask is not None:
             m = mask.to(fixed.dtype)
             force_w.mul_(m)

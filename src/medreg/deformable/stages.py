@@ -179,7 +179,8 @@ def run_syn_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
     info["seconds_inversion"] = time.perf_counter() - t0
     info["field_grid"] = setup.levels[-1].field_grid.to_dict()
     info["peak_memory_bytes"] = peak_bytes(ctx.device)
-    return _output(DisplacementField(grid, forward), DisplacementField(grid, backward), info, init)
+    return _output(DisplacementField(grid, forward, copy=False),
+                   DisplacementField(grid, backward, copy=False), info, init)
 
 
 def run_bspline_stage(ctx: StageContext, init: Transform | None) -> StageOutput:

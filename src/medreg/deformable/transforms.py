@@ -37,19 +37,21 @@ class DisplacementField(Transform):
         grid: the field's geometry (usually the fixed image grid).
         displacement: ``(1, dim, *grid.shape)`` in mm; zeros when omitted.
         trainable: register ``u`` as an ``nn.Parameter`` (else a buffer).
+        copy: keep a copy of ``displacement`` (``False`` adopts the caller's tensor, for fields
+            nobody else holds: saves one field-sized buffer).
 
     Attributes:
         inversion: set on fields produced by :meth:`inverse` (residuals of the fixed point).
     """
 
     def __init__(self, grid: Grid, displacement: torch.Tensor | None = None, *,
-                 trainable: bool = False) -> None:
+                 trainable: bool = False, copy: bool = True) -> None:
         super().__init__()
         self.grid = grid
         self.ndim = grid.ndim
         u = torch.zeros(1, grid.ndim, *grid.shape) if displacement is None else displacement
         check_field(u, grid, "displacement")
-        u = u.detach().clone()
+        u = u.detach().clone() if copy else u.detach()
         if trainable:
             self.field = nn.Parameter(u)
         else:
