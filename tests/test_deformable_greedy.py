@@ -126,3 +126,16 @@ def test_world_gradient_weight_and_reduce_match_the_full_product():
 
     full = reduce(world_gradient(img, grid) * w)
     torch.testing.assert_close(world_gradient(img, grid, w, reduce), full)
+
+
+def test_area_average_is_adaptive_average_pooling():
+    from medreg.deformable.greedy import area_average
+
+    x = torch.randn(1, 3, 9, 7, 11, dtype=torch.float64)
+    for shape in ((5, 4, 6), (9, 7, 11), (3, 2, 4)):
+        torch.testing.assert_close(area_average(x, shape),
+                                   torch.nn.functional.adaptive_avg_pool3d(x, shape))
+    y = torch.randn(1, 2, 7, 5)
+    torch.testing.assert_close(area_average(y, (4, 3)),
+                               torch.nn.functional.adaptive_avg_pool2d(y, (4, 3)))
+

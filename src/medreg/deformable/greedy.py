@@ -94,9 +94,24 @@ class _Resizer:
         if self.same:
             return x
         if self.aligned:
-            return F.adaptive_avg_pool3d(x, self.field_grid.shape) if x.ndim == 5 else \
-                F.adaptive_avg_pool2d(x, self.field_grid.shape)
+            return area_average(x, self.field_grid.shape)
         return resample_field(x, self.grid, self.field_grid)
+
+
+def area_average(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``adaptive_avg_pool`` of ``(N, C, *S)`` to ``shape``, separably for 3D.
+
+    3D: the ``(H, W)`` pass treats every slice as a channel, so the CPU spreads it over the
+    intra-op threads even for one channel (``adaptive_avg_pool3d`` splits only over ``N*C``);
+    box means are separable, so the result is the same.
+    """
+    if x.ndim == 4:
+        return F.adaptive_avg_pool2d(x, shape)
+    n, c, d, h, w = x.shape
+    od, oh, ow = shape
+    y = F.adaptive_avg_pool2d(x.reshape(n, c * d, h, w), (oh, ow))
+    y = F.adaptive_avg_pool1d(y.reshape(n * c, d, oh * ow).transpose(1, 2), od)
+    return y.reshape(n, c, oh, ow, od).permute(0, 1, 4, 2, 3).contiguous()
 
 
 class _Puller:
