@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs=3, metavar=("PEER", "CASE", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--resolution", type=float, default=2.0, help="mm (default 2)")
     p.add_argument("--case", default="known-warp", choices=("known-warp", "inter-subject"),
-                   help="Colin27 warped by a known field (default), or Colin27 onto the "
-                        "ICBM 2009a template scored by tissue Dice")
+                   help="Colin27 warped by a known field (default), or Colin27's brain onto the "
+                        "(skull-stripped) ICBM 2009a template scored by tissue Dice")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per tool")
     p.add_argument("--workdir", help="keep cases and fields here (default: a temp folder)")
