@@ -85,12 +85,11 @@ class _Stepper:
         b1, b2, eps = 0.9, 0.999, 1e-8
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            if self.cfg.name == "adam":
+            if self.cfg.name == "adam":  # p -= lr * m_hat / (sqrt(v_hat) + eps), in place
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                m_hat = m / (1 - b1**self.t)
-                v_hat = v / (1 - b2**self.t)
-                p.sub_(self.lr * m_hat / (v_hat.sqrt() + eps))
+                denom = v.sqrt().div_(math.sqrt(1 - b2**self.t)).add_(eps)
+                p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
             else:  # gradient descent with Nesterov momentum 0.9
                 m.mul_(0.9).add_(g)
                 p.sub_(self.lr * (g + 0.9 * m))

@@ -204,29 +204,41 @@ class _FusedParzen(torch.autograd.Function):
         pos = pos.mul_(scale).add_(pad - mr[0] * scale)
         base = torch.floor(pos).clamp_(pad, bins - 1 - pad)
         mw, dmw = _cubic_weights(pos - base)
-        # bins base-1 .. base+2 of the moving window; base is clamped so all are valid
-        first = (fi * bins)[:, :, None] + (base.long() - 1)[:, None, None]
-        pair = (first + torch.arange(4, device=m.device)).reshape(-1)
+        # bins base-1 .. base+2 of the moving window (base is clamped so all are valid): each
+        # (point, fixed bin) adds a row of 4 weights at flat bin ``first``; rows are added
+        # whole, then the 4 columns are shifted into place (fewer, contiguous writes)
+        first = ((fi * bins) + (base.long() - 1)[:, None]).reshape(-1)  # (n * k,)
         total = wt.sum()
-        joint = torch.zeros(bins * bins, dtype=m.dtype, device=m.device)
-        joint.index_add_(0, pair, (fw[:, :, None] * mw[:, None, :]).reshape(-1))
-        joint = (joint / total).reshape(1, bins, bins)
-        h_f, h_m, h_fm = _entropies(joint)
-        logp = joint[0].clamp_min(_EPS).log()
-        logpm = joint[0].sum(0).clamp_min(_EPS).log()
+        nb = bins * bins
+        rows = torch.zeros(nb, 4, dtype=m.dtype, device=m.device)
+        rows.index_add_(0, first, (fw[:, :, None] * mw[:, None, :]).reshape(-1, 4))
+        joint = torch.zeros(nb + 3, dtype=m.dtype, device=m.device)
+        for k in range(4):
+            joint[k:k + nb] += rows[:, k]
+        joint = (joint[:nb] / total).reshape(bins, bins)
+        # entropies from the logs the gradient needs anyway (as _entropies, fewer operations)
+        logp = joint.clamp_min(_EPS).log()
+        pf, pm = joint.sum(1).clamp_min(_EPS), joint.sum(0).clamp_min(_EPS)
+        logpm = pm.log()
+        h_fm = -(joint * logp).sum()
+        h_f = -(pf * pf.log()).sum()
+        h_m = -(pm * logpm).sum()
         if normalized:  # d(-NMI)/dp up to constants along the moving-bin axis
             grad_p = (h_fm * logpm[None, :] - (h_f + h_m) * logp) / (h_fm * h_fm)
             loss = -(h_f + h_m) / h_fm
         else:  # d(-MI)/dp, same convention
             grad_p = -(logp - logpm[None, :])
             loss = -(h_f + h_m - h_fm)
-        ctx.save_for_backward(grad_p.reshape(-1), pair, fw, dmw, dpos, total)
-        return loss[0]
+        ctx.save_for_backward(grad_p.reshape(-1), first, fw, dmw, dpos, total)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        grad_p, pair, fw, dmw, dpos, total = ctx.saved_tensors
-        g = grad_p[pair].reshape(fw.shape[0], fw.shape[1], 4)
+        grad_p, first, fw, dmw, dpos, total = ctx.saved_tensors
+        # dL/dp at bins first .. first+3 of each row: one gather of 4 contiguous values
+        padded = torch.cat([grad_p, grad_p.new_zeros(3)])
+        windows = padded.as_strided((grad_p.numel(), 4), (1, 1))
+        g = windows.index_select(0, first).reshape(fw.shape[0], fw.shape[1], 4)
         gm = ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
         return grad_out * gm, None, None, None, None, None, None, None
 
@@ -237,6 +249,7 @@ _CUBIC = torch.tensor([[1.0, 4.0, 1.0, 0.0], [-3.0, 0.0, 3.0, 0.0], [3.0, -6.0, 
                        [-1.0, 3.0, -3.0, 1.0]], dtype=torch.float64) / 6.0
 _CUBIC_D = torch.tensor([[-3.0, 0.0, 3.0, 0.0], [6.0, -12.0, 6.0, 0.0],
                          [-3.0, 9.0, -9.0, 3.0]], dtype=torch.float64) / 6.0
+_CUBIC32, _CUBIC_D32 = _CUBIC.float(), _CUBIC_D.float()
 
 
 def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +261,10 @@ def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     t2 = t * t
     powers = torch.stack([torch.ones_like(t), t, t2, t2 * t], dim=-1)  # (n, 4)
-    c, d = _CUBIC.to(t.dtype), _CUBIC_D.to(t.dtype)
+    if t.dtype == torch.float32 and t.device.type == "cpu":
+        c, d = _CUBIC32, _CUBIC_D32  # the common case: no conversion per call
+    else:
+        c, d = _CUBIC.to(t), _CUBIC_D.to(t)
     return powers @ c, powers[:, :3] @ d
 
 

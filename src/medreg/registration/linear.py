@@ -139,7 +139,7 @@ class LinearOptions:
 #: Stochastic levels draw the points of at most this many iterations at once and cycle through
 #: them (drawing costs about as much as the iterations that use the points; cycling 20 batches
 #: left the MNI 2 mm errors unchanged within seed spread).
-POOL_BATCHES = 20
+POOL_BATCHES = 10
 
 
 #: Levels with at most this many voxels use all of them (with the default ``samples="auto"``).

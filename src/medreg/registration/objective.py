@@ -80,8 +80,8 @@ class LevelObjective:
                                                 dtype=torch.float64)
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # moving FOV, norm coords
         self._sampler: PointInterpolator | None = None  # built on first use
-        self._index_from_world = torch.as_tensor(self.moving.grid.index_from_world,
-                                                 dtype=torch.float64)
+        ifw = torch.as_tensor(self.moving.grid.index_from_world, dtype=torch.float64)
+        self._index_from_world = ifw[:-1, :-1], ifw[:-1, -1]  # linear part, offset
         # moving field of view in voxel indices, [-0.5, size - 0.5] per axis (ITK's rule)
         size = torch.tensor(self.moving.grid.size, dtype=dtype)[:, None]
         self._index_lo, self._index_hi = torch.full_like(size, -0.5 - 1e-6), size - 0.5 + 1e-6
@@ -165,8 +165,8 @@ class LevelObjective:
         """Fast path: ``(1, C, *P)`` moving values and ``(1, 1, *P)`` overlap weights, with
         the backward pass through :class:`WarpedValues` (no per-point autograd graph)."""
         a, o = transform.linear_and_offset()
-        m = self._index_from_world
-        lin, off = m[:-1, :-1] @ a, m[:-1, :-1] @ o + m[:-1, -1]
+        m, t = self._index_from_world
+        lin, off = m @ a, torch.addmv(t, m, o)
         if self._sampler is None:
             self._sampler = PointInterpolator(self.moving.tensor, self.rows.dtype)
             self._mask_sampler = (None if self.moving_mask is None else
