@@ -196,7 +196,7 @@ def test_linear_schedule_plans_levels():
     from medreg.registration.linear import LinearOptions
 
     opts = LinearOptions.from_options({})
-    assert opts.stochastic and opts.iterations == (40, 40, 40)
+    assert opts.stochastic and opts.iterations == (30, 30, 40)
     assert opts.level_plan(0, 5_000, needs_grid=False) == ("lbfgs", None, False)
     assert opts.level_plan(2, 1_000_000, needs_grid=False) == ("adam", 16_000, True)
     assert opts.level_plan(1, 1_000_000, needs_grid=False) == ("adam", 4000, True)

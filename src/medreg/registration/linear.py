@@ -33,16 +33,16 @@ class LinearOptions:
     * stochastic (default for point metrics: MI, NMI, NCC, MSE, L1): Adam on every level with
       new random points at every iteration (as elastix's random sampler) and the mean of the
       last iterates as the level's result. The coarse levels only need to come close, so
-      they take a few thousand points per iteration; the finest level takes 16,000 for 40
-      iterations (MNI152 at 2 mm: as accurate as 8000 for 60 or 16,000 for 120, and each
+      they take a few thousand points for 30 iterations; the finest level takes 16,000 for
+      40 iterations (MNI152 at 2 mm: as accurate as 8000 for 60 or 16,000 for 120, and each
       iteration's fixed cost is about that of 4000 points).
     * deterministic (default for LNCC, which needs the voxel grid): Adam on the coarse levels,
       SciPy L-BFGS-B in float64 on the finest one, on one fixed set of points per level.
 
     Attributes:
         levels: pyramid shrink factors, coarse first.
-        iterations: iteration limit per level, or one for all (default: stochastic 40 per
-            level; deterministic 60 at the coarsest level, then 40, 25).
+        iterations: iteration limit per level, or one for all (default: stochastic 30 per
+            coarse level and 40 on the finest; deterministic 60 at the coarsest level, then 40, 25).
         optimizer: ``adam``, ``lbfgs`` or ``gd``, one for all levels or one per level
             (default: Adam on stochastic levels, L-BFGS-B in float64 on levels with all
             voxels; see :meth:`level_plan`).
@@ -90,7 +90,7 @@ class LinearOptions:
         iters = opts.iterations
         if iters is None:
             if stochastic:
-                iters = (40,) * n
+                iters = (30,) * (n - 1) + (40,)
             else:
                 iters = (60,) + (40,) * (n - 2) + (25,) if n > 1 else (40,)
         if isinstance(iters, int):
