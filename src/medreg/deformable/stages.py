@@ -45,7 +45,7 @@ _COMMON = dict(levels=(4.0, 2.0, 1.0), iterations=(100, 60, 30), tol=1e-4, windo
                metric=None)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "svf": dict(_COMMON, lr=0.25, grad_sigma=1.0, field_sigma=0.5, field_factor=2.0, steps=6),
-    "syn": dict(levels=(4.0, 2.0, 1.0), iterations=(60, 20, 6), tol=1e-4, window=5,
+    "syn": dict(levels=(4.0, 2.0, 1.0), iterations=(40, 20, 4), tol=1e-4, window=5,
                 metric=None, step=0.25, grad_sigma=3.0, field_sigma=0.5, field_factor=2.0),
     "bspline": dict(_COMMON, lr=0.05, grad_sigma=0.0, field_sigma=0.0, field_factor=2.0,
                     steps=0, spacing=12.0, bending=0.0, folding=10.0),
