@@ -31,7 +31,7 @@ def test_slabs_match_one_grid_sample_values_and_gradients(small_split, threads, 
     w = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     g_ref = torch.autograd.grad((ref * w).sum(), (img, pts))
     g_out = torch.autograd.grad((out * w).sum(), (img, pts))
-    for a, b in zip(g_out, g_ref):
+    for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
