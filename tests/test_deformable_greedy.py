@@ -98,8 +98,7 @@ def test_syn_ignores_what_the_moving_mask_excludes(slice_case):
 @pytest.mark.filterwarnings("ignore:Since version 1.3.0")
 def test_puller_ramps_rebuild_the_affine_sampling_grid():
     """The per-axis ramps of ``_Puller`` sum to ``affine_norm_grid`` for any theta and shape."""
-    from medreg.core.sampling import affine_norm_grid
-    from medreg.deformable.greedy import _base_ramps
+    from medreg.core.sampling import affine_norm_grid, affine_norm_ramps
 
     gen = torch.Generator().manual_seed(0)
     for shape in ((5, 1, 7), (4, 6), (3, 8, 2)):
@@ -108,7 +107,7 @@ def test_puller_ramps_rebuild_the_affine_sampling_grid():
             d, d + 1, dtype=torch.float64, generator=gen)
         grid = Grid(size=tuple(reversed(shape)))
         ref = affine_norm_grid(theta, grid, torch.float64)[0]  # (*S, dim)
-        ramps = _base_ramps(theta, shape)
+        ramps = affine_norm_ramps(theta, shape)
         for k in range(d):
             total = sum(ramps[k], torch.zeros(shape))
             torch.testing.assert_close(total, ref[..., k].float(), atol=1e-6, rtol=0)

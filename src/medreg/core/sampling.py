@@ -97,6 +97,45 @@ def affine_norm_grid(theta: torch.Tensor, grid: Grid, dtype: torch.dtype) -> tor
     return F.affine_grid(theta[None].to(dtype), list(size), align_corners=ALIGN_CORNERS)
 
 
+def _norm_centres(n: int) -> torch.Tensor:
+    """``(n,)`` float64 normalized voxel centres of one axis, as ``affine_grid`` makes them."""
+    if n == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    x = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+    return x if ALIGN_CORNERS else x * ((n - 1) / n)
+
+
+def affine_norm_ramps(theta: torch.Tensor, shape: tuple[int, ...]) -> list[list[torch.Tensor]]:
+    """``affine_norm_grid(theta)`` as broadcastable 1D terms: ``grid[..., k] = sum(ramps[k])``.
+
+    Lets a caller add an affine sampling grid to a field in place, one broadcast ramp per axis,
+    instead of storing the ``(1, *S, dim)`` grid.
+
+    Args:
+        theta: ``(dim, dim+1)`` output-normalized -> input-normalized map, as for
+            :func:`affine_norm_grid`.
+        shape: the output tensor shape ``S`` (``(D, H, W)`` or ``(H, W)``).
+
+    Returns:
+        per output coordinate ``k``, ``dim`` tensors shaped to broadcast over ``S``; the
+        constant ``theta[k, dim]`` is folded into the first.
+    """
+    d = len(shape)
+    th = theta.to(torch.float64)
+    out = []
+    for k in range(d):
+        ramps = []
+        for a in range(d):  # coordinate a runs along tensor axis d - 1 - a
+            n = shape[d - 1 - a]
+            x = _norm_centres(n)
+            term = th[k, a] * x + (th[k, d] if a == 0 else 0.0)
+            view = [1] * d
+            view[d - 1 - a] = n
+            ramps.append(term.to(torch.float32).reshape(view))
+        out.append(ramps)
+    return out
+
+
 def apply_homogeneous(matrix, points: torch.Tensor) -> torch.Tensor:
     """``(..., dim)`` points through a ``(dim+1, dim+1)`` homogeneous matrix (numpy or torch),
     in the points' dtype and device (e.g. ``grid.world_from_index`` on ``(x, y, z)`` indices)."""

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medreg.core.axes import ALIGN_CORNERS, channels_to_vectors
+from medreg.core.axes import channels_to_vectors
 from medreg.core.grid import Grid
-from medreg.core.sampling import sample, theta_between
+from medreg.core.sampling import affine_norm_ramps, sample, theta_between
 from medreg.deformable.fields import (
     compose_displacements,
     identity_norm,
@@ -134,7 +134,7 @@ class _Puller:
         self.image, self.resize = image, resize
         self.lin = torch.as_tensor(m[:d, :d], dtype=torch.float32)
         theta = theta_between(level_grid, image_grid, lin)  # level norm -> image norm
-        self.ramps = _base_ramps(theta, level_grid.shape)
+        self.ramps = affine_norm_ramps(theta, level_grid.shape)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """``(1, dim, *S_field)`` mm -> ``(1, C, *S_level)`` pulled image."""
@@ -146,39 +146,6 @@ class _Puller:
         return sample(self.image, channels_to_vectors(moved), padding="border")
 
 
-def _norm_centres(n: int) -> torch.Tensor:
-    """``(n,)`` float64 normalized voxel centres of one axis, as ``affine_grid`` makes them."""
-    if n == 1:
-        return torch.zeros(1, dtype=torch.float64)
-    x = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
-    return x if ALIGN_CORNERS else x * ((n - 1) / n)
-
-
-def _base_ramps(theta: torch.Tensor, shape: tuple[int, ...]) -> list[list[torch.Tensor]]:
-    """``affine_norm_grid(theta)`` as broadcastable 1D terms: ``base[..., k] = sum(ramps[k])``.
-
-    Args:
-        theta: ``(dim, dim+1)`` level-normalized -> image-normalized map.
-        shape: the level's tensor shape ``S`` (``(D, H, W)`` or ``(H, W)``).
-
-    Returns:
-        per output coordinate ``k``, ``dim`` tensors shaped to broadcast over ``S``; the
-        constant ``theta[k, dim]`` is folded into the first.
-    """
-    d = len(shape)
-    th = theta.to(torch.float64)
-    out = []
-    for k in range(d):
-        ramps = []
-        for a in range(d):  # coordinate a runs along tensor axis d - 1 - a
-            n = shape[d - 1 - a]
-            x = _norm_centres(n)
-            term = th[k, a] * x + (th[k, d] if a == 0 else 0.0)
-            view = [1] * d
-            view[d - 1 - a] = n
-            ramps.append(term.to(torch.float32).reshape(view))
-        out.append(ramps)
-    return out
 
 
 class GreedySyN:
