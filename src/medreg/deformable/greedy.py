@@ -146,8 +146,6 @@ class _Puller:
         return sample(self.image, channels_to_vectors(moved), padding="border")
 
 
-
-
 class GreedySyN:
     """Parametrization and one-iteration update of greedy symmetric SyN (module docstring).
 
