@@ -45,3 +45,13 @@ def test_point_lists_and_small_or_single_thread_work_stay_one_call(small_split):
     assert sampling._slab_count(img, pts.reshape(1, 50, 1, 1, 3)) == 1
     torch.set_num_threads(2)
     assert sampling._slab_count(img.expand(2, 1, 6, 6, 6), torch.rand(2, 50, 1, 1, 3)) == 1
+
+
+def test_slabs_of_a_channel_first_view_of_the_points(small_split):
+    """Points given as a permuted view of a ``(1, 3, *S)`` field (as the greedy warps do)."""
+    torch.set_num_threads(2)
+    img = torch.randn(1, 1, 8, 9, 10, dtype=torch.float64)
+    field = torch.rand(1, 3, 7, 5, 6, dtype=torch.float64) * 2 - 1
+    pts = field.permute(0, 2, 3, 4, 1)[:, 1:]  # non-contiguous, non-zero storage offset
+    ref = F.grid_sample(img, pts.contiguous(), align_corners=ALIGN_CORNERS)
+    torch.testing.assert_close(sampling.sample(img, pts), ref, rtol=0, atol=0)
