@@ -100,13 +100,11 @@ def gaussian_pyramid(image: Image, factors: Sequence[float] = (4, 2, 1),
             if recursive and f > prev_f else None
         if pooled is not None:
             level = pooled
-        elif recursive:
-            # blur the finer level by the missing sigma (Gaussians add in variance), on fewer
-            # voxels than the full-resolution image
-            smoothed = smooth_image(prev, math.sqrt(s * s - prev_s * prev_s))
-            level = smoothed if f == 1 else resample(smoothed, image.grid.downsample(f))
         else:
-            smoothed = smooth_image(image, s)
+            # recursive: blur the finer level by the missing sigma (Gaussians add in variance),
+            # on fewer voxels than the full-resolution image
+            smoothed = smooth_image(prev, math.sqrt(s * s - prev_s * prev_s)) if recursive \
+                else smooth_image(image, s)
             level = smoothed if f == 1 else resample(smoothed, image.grid.downsample(f))
         levels[i] = level
         if recursive:
@@ -120,8 +118,9 @@ def _pool_level(image: Image, grid: Grid, sigma_mm: float) -> Image | None:
 
     The box average puts each coarse value at the centre of its ``k**dim`` fine voxels, which
     is exactly ``image.grid.downsample(k)``; for ``k = 2`` it is also what linear resampling
-    onto that grid computes from a blurred image, so moving the Gaussian after the shrink
-    keeps the blur of each level and costs ``k**dim`` times fewer voxels.
+    onto that grid computes from a blurred image. Blurring after the shrink instead of before
+    keeps each level's blur approximately (within 1.3 % in the tests) on ``k**dim`` times fewer
+    voxels.
     """
     k = image.grid.size[0] // grid.size[0]
     if k < 2 or any(n != c * k for n, c in zip(image.grid.size, grid.size, strict=True)):
