@@ -167,12 +167,23 @@ def inside_bounds(norm_points: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor)
     return out
 
 
+#: Slack of the field-of-view test, so voxel-boundary points count as inside.
+_FOV_SLACK = 1e-6
+
+
+def index_bounds(grid: Grid, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dim,)`` voxel-index bounds of the field of view, ``-0.5`` and ``size - 0.5`` per axis
+    (ITK's rule, axes ordered x, y[, z]), widened by a tiny slack."""
+    size = torch.as_tensor(grid.size, dtype=dtype, device=device)
+    return torch.full_like(size, -0.5 - _FOV_SLACK), size - 0.5 + _FOV_SLACK
+
+
 def norm_bounds(grid: Grid, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dim,)`` normalized coordinates of index ``-0.5`` and ``size - 0.5`` per axis."""
     m = np.asarray(grid.norm_from_index, dtype=np.float64)
     size = np.asarray(grid.size, dtype=np.float64)
     a = m[:-1, :-1] @ np.full(len(size), -0.5) + m[:-1, -1]
     b = m[:-1, :-1] @ (size - 0.5) + m[:-1, -1]
-    lo, hi = np.minimum(a, b) - 1e-6, np.maximum(a, b) + 1e-6
+    lo, hi = np.minimum(a, b) - _FOV_SLACK, np.maximum(a, b) + _FOV_SLACK
     return (torch.as_tensor(lo, dtype=dtype, device=device),
             torch.as_tensor(hi, dtype=dtype, device=device))

@@ -11,6 +11,7 @@ import torch
 from medreg.core.axes import index_from_flat
 from medreg.core.image import Image
 from medreg.core.sampling import (
+    index_bounds,
     inside_bounds,
     norm_bounds,
     sample,
@@ -82,9 +83,9 @@ class LevelObjective:
         self._sampler: PointInterpolator | None = None  # built on first use
         ifw = torch.as_tensor(self.moving.grid.index_from_world, dtype=torch.float64)
         self._index_from_world = ifw[:-1, :-1], ifw[:-1, -1]  # linear part, offset
-        # moving field of view in voxel indices, [-0.5, size - 0.5] per axis (ITK's rule)
-        size = torch.tensor(self.moving.grid.size, dtype=dtype)[:, None]
-        self._index_lo, self._index_hi = torch.full_like(size, -0.5 - 1e-6), size - 0.5 + 1e-6
+        # moving field of view in voxel indices (ITK's rule), as (dim, 1) columns
+        lo, hi = index_bounds(self.moving.grid, dtype)
+        self._index_lo, self._index_hi = lo[:, None], hi[:, None]
         self.candidates = None if fmask is None else torch.nonzero(fmask.reshape(-1)).squeeze(1)
         self.batches = max(1, int(batches)) if self.stochastic else 1
         self._draw()
