@@ -84,6 +84,28 @@ def test_fixed_point_inversion_reports_small_residual():
     assert float(back.max()) < 0.2
 
 
+def test_inversion_converges_where_the_field_stretches_faster_than_it_moves():
+    """u_x = s (0.6 sin(x/s) + 0.4 sin(2x/s)) is unfolded (det J in [0.14, 2.4]), but
+    du_x/dx reaches 1.4, where the plain fixed-point step ``w <- -u(y + w)`` diverges."""
+    s = 3.0
+    grid = Grid((96, 8), (0.5, 1.0), (-24.0, -4.0))
+
+    def fn(p):
+        t = p[..., :1] / s
+        ux = s * (0.6 * torch.sin(t) + 0.4 * torch.sin(2 * t))
+        return torch.cat([ux, torch.zeros_like(ux)], dim=-1)
+
+    u = _field_from(fn, grid).float()
+    assert float(jacobian_determinant(u.double(), grid).min()) > 0.1
+    res = invert_displacement(u, grid, iterations=30, tol=1e-3)
+    assert res.residual_max < 1e-3 and res.iterations < 30
+    assert float(jacobian_determinant(res.displacement.double(), grid).min()) > 0
+    w = -u  # the plain fixed point, for contrast: residual w + u(y + w) = compose(w, u)
+    for _ in range(30):
+        w = w - compose_displacements(w, u, grid)
+    assert float(compose_displacements(w, u, grid)[0].norm(dim=0).max()) > 0.1
+
+
 def test_displacement_field_inverse_transform():
     grid = oblique_grid((20, 22, 18))
     field = DisplacementField(grid, random_velocity(grid, mean_mm=1.5, smoothness_mm=6.0,

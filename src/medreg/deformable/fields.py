@@ -131,7 +131,7 @@ class InversionResult:
     Attributes:
         displacement: ``(1, dim, *S)`` inverse displacement ``w``.
         residual_max, residual_mean: ``|w(y) + u(y + w(y))|`` in mm over the grid.
-        iterations: fixed-point iterations used.
+        iterations: Newton iterations used.
     """
 
     displacement: torch.Tensor
@@ -148,7 +148,7 @@ def _lengths(field: torch.Tensor) -> torch.Tensor:
 
 def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
                         tol: float = 1e-3) -> InversionResult:
-    """Invert ``phi(x) = x + u(x)`` by the fixed-point iteration ``w <- -u(y + w(y))``.
+    """Invert ``phi(x) = x + u(x)`` by Newton's iteration on ``phi(y + w(y)) = y``.
 
     Args:
         disp: ``(1, dim, *S)`` displacement ``u`` in mm on ``grid``.
@@ -158,23 +158,72 @@ def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
     Returns:
         :class:`InversionResult`; the residual is ``|phi(phi^-1(y)) - y|`` at every voxel ``y``.
 
-    Convention: ``phi^-1(y) = y + w(y)``; converges where ``phi`` is a contraction-perturbed
-    identity (``|grad u| < 1``), i.e. for the smooth, unfolded fields registration produces.
+    Convention: ``phi^-1(y) = y + w(y)``, starting from ``w = -u``; each step is
+    ``w <- w - J(y + w)^-1 r`` with the residual ``r = w + u(y + w)`` and ``J`` the Jacobian of
+    ``phi`` (its inverse interpolated from the voxel centres), each step at most one (smallest)
+    voxel long. The plain fixed-point step ``w <- -u(y + w)`` (``J = I``) diverges where
+    ``|grad u| >= 1``, e.g. where greedy SyN compresses tissue strongly; Newton's converges
+    wherever ``phi`` is unfolded. Points ``y + w`` outside the grid's voxel centres take the plain
+    step, since there the border-clamped ``u`` makes the interpolated ``J`` wrong (Newton's
+    steps can cycle); so do voxels where ``det J`` is small or negative. A voxel whose residual
+    grew goes back to its last point and halves its step (doubled again, up to one, after a
+    success): Newton's steps from a poor start can overshoot where ``J`` varies fast.
     """
     check_field(disp, grid, "displacement")
     ident = identity_norm(grid, disp.dtype, disp.device)
     with torch.no_grad():
+        jinv = _inverse_jacobians(disp, grid)
+        cap = float(min(grid.spacing))
         w = -disp.clone()
-        it, res = 0, None
+        damp = torch.ones_like(disp[:, :1])  # per-voxel step factor of the backtracking
+        it, res, prev = 0, None, None
         for it in range(1, iterations + 1):  # noqa: B007 - the count is reported
-            pulled = warp_field(disp, grid, w, ident)  # u(y + w(y)): one warp per iteration
-            res = _lengths(w + pulled)
+            points = ident + norm_offsets(w, grid)  # (1, *S, dim) normalized, x first
+            r = sample(disp, points, mode="linear", padding="border").add_(w)
+            res = _lengths(r)[:, None]
+            if prev is not None:  # undo the steps that did not shrink the residual
+                worse = res > prev[2]
+                damp = torch.where(worse, damp * 0.5, (damp * 2).clamp_(max=1.0))
+                w, r, res = (torch.where(worse, a, b) for a, b in zip(prev, (w, r, res),
+                                                                      strict=True))
+                points = ident + norm_offsets(w, grid)
             if float(res.max()) < tol:
                 break
-            w = -pulled
-        if res is None or it == iterations and float(res.max()) >= tol:
+            prev = (w, r, res)
+            w = w - _newton_step(jinv, points, r, cap).mul_(damp)
+        else:
             res = _lengths(w + warp_field(disp, grid, w, ident))
     return InversionResult(w, float(res.max()), float(res.mean()), it)
+
+
+def _newton_step(jinv: torch.Tensor, points: torch.Tensor, r: torch.Tensor, cap: float
+                 ) -> torch.Tensor:
+    """``J^-1 r`` ``(1, dim, *S)`` at normalized ``points`` ``(1, *S, dim)``, at most ``cap``
+    mm long; the plain step ``r`` at points beyond the border voxel centres."""
+    step = _apply_matrices(sample(jinv, points, mode="linear", padding="border"), r)
+    step.mul_((cap / _lengths(step).clamp_(min=cap))[:, None])
+    outside = (points.abs() > 1 + 1e-5).any(-1)[:, None]  # identity_norm: centres at +-1
+    return torch.where(outside, r, step)
+
+
+def _inverse_jacobians(disp: torch.Tensor, grid: Grid, min_det: float = 1e-2) -> torch.Tensor:
+    """``(1, dim*dim, *S)`` row-major ``J^-1`` of ``phi = id + u`` (identity where ``det J``
+    is below ``min_det``)."""
+    d = grid.ndim
+    jac = jacobian_matrix(disp, grid)  # (*S, d, d)
+    eye = torch.eye(d, dtype=jac.dtype, device=jac.device)
+    bad = torch.linalg.det(jac) < min_det
+    jinv = torch.linalg.inv(torch.where(bad[..., None, None], eye, jac))
+    return jinv.reshape(*jinv.shape[:d], d * d).movedim(-1, 0)[None].contiguous()
+
+
+def _apply_matrices(mats: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """``(1, dim*dim, *S)`` row-major matrices times ``(1, dim, *S)`` vectors, per voxel."""
+    d = vec.shape[1]
+    out = mats[:, 0::d] * vec[:, :1]
+    for j in range(1, d):
+        out.addcmul_(mats[:, j::d], vec[:, j:j + 1])
+    return out
 
 
 def jacobian_matrix(disp: torch.Tensor, grid: Grid) -> torch.Tensor:

@@ -14,7 +14,7 @@ Convention:
       diffeomorphic; ``field_sigma`` also smooths the total fields. ``step`` and the sigmas are in
       voxels of the level's *image* grid (ANTs' convention), whatever the field grid.
     * The full fixed->moving mapping is ``init o B o A^-1`` and its inverse ``A o B^-1 o init^-1``;
-      the inverses of ``A`` and ``B`` are computed once at the end by fixed-point iteration.
+      the inverses of ``A`` and ``B`` are computed once at the end by Newton iteration.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def syn_mappings(u_f: torch.Tensor, u_m: torch.Tensor, field_grid: Grid, grid: G
     Args:
         u_f, u_m: ``(1, dim, *S_field)`` displacements of ``A`` and ``B`` on ``field_grid``.
         grid: output grid (the fixed image grid).
-        iterations, tol: fixed-point inversion limits (``tol`` in mm, largest residual).
+        iterations, tol: inversion limits (``tol`` in mm, largest residual).
             Inverses and compositions are computed on ``field_grid``, the results interpolated
             (linearly, border repeated) onto ``grid``.
 

@@ -41,7 +41,7 @@ class DisplacementField(Transform):
             nobody else holds: saves one field-sized buffer).
 
     Attributes:
-        inversion: set on fields produced by :meth:`inverse` (residuals of the fixed point).
+        inversion: set on fields produced by :meth:`inverse` (residuals of the inversion).
     """
 
     def __init__(self, grid: Grid, displacement: torch.Tensor | None = None, *,
@@ -73,7 +73,7 @@ class DisplacementField(Transform):
         return points + sample_field(self.field, self.grid, points)
 
     def inverse(self, iterations: int = 50, tol: float = 1e-3) -> DisplacementField:
-        """Numerical inverse on the same grid (fixed-point iteration); see ``.inversion``."""
+        """Numerical inverse on the same grid (Newton iteration); see ``.inversion``."""
         res = invert_displacement(self.field.detach(), self.grid, iterations=iterations, tol=tol)
         inv = DisplacementField(self.grid, res.displacement)
         inv.inversion = res
