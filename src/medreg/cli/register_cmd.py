@@ -73,6 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "for point metrics) or per level (0 = every voxel; "
                         "--option stochastic=false for one fixed set per level)")
     p.add_argument("--bins", type=int, help="histogram bins for mi/nmi")
+    p.add_argument("--flatten-bias", choices=["auto", "on", "off"],
+                   help="divide both images by their wide low-pass on the finest linear level "
+                        "(removes MR intensity bias; auto: mi/nmi on non-negative images that "
+                        "look mono-modal once roughly aligned)")
     p.add_argument("--model", help="features/phase/landmarks model "
                                    "(translation|rigid|similarity|affine|homography|tps)")
     p.add_argument("--fixed-points", help="landmarks in the fixed image (CSV/.fcsv/.mrk.json)")
@@ -96,6 +100,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             opts[key] = value
     if args.samples is not None:
         opts["samples"] = None if args.samples == 0 else args.samples
+    if args.flatten_bias is not None:
+        opts["flatten_bias"] = {"on": True, "off": False}.get(args.flatten_bias, "auto")
     return opts
 
 

@@ -18,6 +18,7 @@ from medreg.engine import OptimizerConfig, gaussian_pyramid, run_optimizer
 from medreg.engine.threads import threads_for
 from medreg.errors import MedregError
 from medreg.metrics import get_metric
+from medreg.registration.intensity import flatten_bias, same_modality
 from medreg.registration.objective import LevelObjective
 from medreg.registration.plugins import INITIALIZERS, StageContext, StageOutput, resolve
 from medreg.transforms.base import Transform
@@ -59,7 +60,13 @@ class LinearOptions:
         bins: histogram bins for MI/NMI (``"auto"``: 32 for the stochastic schedule, whose
             few thousand points per iteration fill 64 x 64 joint bins too sparsely (multi-modal
             MNI at 2 mm: 0.16-0.17 mm error with 32 bins, 0.19-0.21 with 64), else 64).
-            window_mm: LNCC window in mm.
+        flatten_bias: divide both finest-level images by their own wide low-pass before MI/NMI
+            (:func:`~medreg.registration.intensity.flatten_bias`), which removes a smooth
+            multiplicative intensity bias (MNI at 2 mm with a 15 % bias field: 0.172 -> 0.054
+            mm, seeds 0-3). ``"auto"``: for MI/NMI when both images are non-negative and, after
+            the coarse levels, correlate linearly (mono-modal; a cross-modality pair would be
+            harmed); ``True``: always, any metric; ``False``: never.
+        window_mm: LNCC window in mm.
         tol, patience: convergence test (deterministic schedule).
     """
 
@@ -72,6 +79,7 @@ class LinearOptions:
     average: float = 0.5
     bins: int | str = "auto"
     off_grid: bool = True
+    flatten_bias: bool | str = "auto"
     window_mm: float | None = None
     tol: float = 1e-6
     patience: int = 5
@@ -84,6 +92,9 @@ class LinearOptions:
         stochastic = opts.stochastic
         if stochastic == "auto":
             stochastic = not needs_grid
+        if opts.flatten_bias not in (True, False, "auto"):
+            raise MedregError(f"flatten_bias must be true, false or 'auto', got "
+                              f"{opts.flatten_bias!r}")
         if not isinstance(stochastic, bool):
             raise MedregError(f"stochastic must be true, false or 'auto', got {stochastic!r}")
         n = len(opts.levels)
@@ -204,6 +215,9 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
     for i, (f_l, m_l, n_iter) in enumerate(zip(fixed_levels, moving_levels, opts.iterations,
                                                 strict=True)):
         t0 = time.perf_counter()
+        prep: dict = {}
+        if i == len(opts.levels) - 1:
+            f_l, m_l, prep = _finest_images(ctx, opts, transform, f_l, m_l)
         plan = opts.level_plan(i, f_l.grid.numel, needs_grid)
         samples = plan[1]
         work = f_l.grid.numel if samples is None or needs_grid else samples
@@ -214,9 +228,30 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
         level_info.append(dict(level=i, factor=opts.levels[i], size=list(f_l.grid.size),
                                optimizer=plan[0], samples=samples, stochastic=plan[2],
                                iterations=res.iterations, stop_reason=res.stop_reason,
-                               final_loss=res.best_loss, seconds=time.perf_counter() - t0))
+                               final_loss=res.best_loss, seconds=time.perf_counter() - t0,
+                               **prep))
     return StageOutput(transform=transform, history=history, stop_reason=reason,
                        info={"levels": level_info})
+
+
+def _finest_images(ctx: StageContext, opts: LinearOptions, transform: LinearTransform,
+                   f_l: Image, m_l: Image) -> tuple[Image, Image, dict]:
+    """The finest level's images, bias-flattened when ``opts.flatten_bias`` asks for it, and
+    what was decided: ``{"mono": bool, "correlation": r, "bias_flattened": bool}`` (the
+    modality check runs only for MI/NMI on single-channel images with ``"auto"``).
+    """
+    flatten = opts.flatten_bias
+    info: dict = {}
+    if flatten == "auto" and ctx.metric in ("mi", "nmi") and f_l.channels == m_l.channels == 1:
+        mono, r = same_modality(f_l, m_l, transform, ctx.fixed_mask)
+        info.update(mono=mono, correlation=None if np.isnan(r) else round(r, 4))
+        nonneg = float(f_l.tensor.min()) >= 0 and float(m_l.tensor.min()) >= 0
+        flatten = mono and nonneg
+    flatten = flatten is True
+    info["bias_flattened"] = flatten
+    if flatten:
+        f_l, m_l = flatten_bias(f_l), flatten_bias(m_l)
+    return f_l, m_l, info
 
 
 def _solve_level(ctx: StageContext, opts: LinearOptions, transform: LinearTransform, i: int,
