@@ -46,6 +46,19 @@ def test_lowpass_follows_a_full_resolution_blur():
     assert float(err) < 0.05
 
 
+def test_flatten_bias_closed_form_cases():
+    g = Grid((40, 32), (1.0, 2.0))
+    const = Image(torch.full((1, 32, 40), 5.0), g)
+    torch.testing.assert_close(flatten_bias(const).tensor, torch.ones(1, 32, 40))
+    # a bright square on an empty background: background stays 0; far from the square the
+    # low-pass falls under the bound, so values there are divided by 0.25 * object mean
+    data = torch.zeros(1, 32, 40)
+    data[:, 12:20, 15:25] = 8.0
+    out = flatten_bias(Image(data, g), sigma_mm=6.0, floor=0.25).tensor
+    assert float(out[data == 0].abs().max()) == 0.0
+    assert float(out.max()) <= 8.0 / (0.25 * 8.0 * 0.5) + 1e-5  # bound >= 0.25 * half of 8
+
+
 def test_flatten_bias_removes_a_smooth_multiplicative_field():
     g = Grid((64, 64, 48), (2.0, 2.0, 2.5))
     img = blob_image(g)

@@ -23,9 +23,12 @@ from medreg.transforms.base import Transform
 
 #: Blur of the bias estimate (mm): much wider than anatomy, narrower than an MR bias field.
 BIAS_SIGMA_MM = 15.0
-#: Floor added to the bias estimate, as a fraction of the mean positive intensity, so the
-#: division does not blow up noise where the low-pass is near zero (background, edges).
-BIAS_FLOOR = 0.1
+#: Lower bound of the bias estimate, as a fraction of the object's mean intensity: background
+#: and edges (low-pass near zero) are divided by this instead, so their noise is not blown up.
+#: MNI at 2 mm with a 15 % bias field, mean error over seeds 0-3: 0.125 -> 0.036 mm,
+#: 0.25 -> 0.036, 0.5 -> 0.034, 0.75 -> 0.122 (dark tissue keeps its bias). Adding a floor
+#: instead of bounding was sharply tuned (0.02: 0.13, 0.03: 0.044, 0.06: 0.10 mm).
+BIAS_FLOOR = 0.25
 #: Pearson correlation above which two aligned images count as the same modality.
 SAME_MODALITY_R = 0.9
 #: At most this many fixed voxels enter the correlation.
@@ -59,11 +62,11 @@ def lowpass(image: Image, sigma_mm: float) -> torch.Tensor:
 
 def flatten_bias(image: Image, sigma_mm: float = BIAS_SIGMA_MM,
                  floor: float = BIAS_FLOOR) -> Image:
-    """``image / (lowpass(image) + floor * mean)``, per channel, ``(C, *S)`` -> ``(C, *S)``.
+    """``image / max(lowpass(image), floor * mean)``, per channel, ``(C, *S)`` -> ``(C, *S)``.
 
-    ``mean`` is the mean of the positive cells of the coarse copy (about the mean intensity of
-    the object). Removes a smooth multiplicative intensity bias (wider than ``sigma_mm``);
-    meant for non-negative (MR-like) intensities. The result is about 1 in tissue and 0 in
+    ``mean`` is the object's mean intensity: the mean of the coarse copy's cells brighter than
+    the copy's mean. Removes a smooth multiplicative intensity bias (wider than ``sigma_mm``);
+    meant for non-negative (MR-like) intensities. The result is about 1 in tissue and near 0 in
     empty background.
     """
     if not (sigma_mm > 0 and floor > 0):
@@ -72,10 +75,11 @@ def flatten_bias(image: Image, sigma_mm: float = BIAS_SIGMA_MM,
     data = _float(image)
     coarse = _coarse_lowpass(data, tensor_order(list(image.grid.spacing)), sigma_mm)
     flat = coarse.flatten(2)[0]
-    pos = flat > 0
-    mean = (flat * pos).sum(1) / pos.sum(1).clamp_min(1)
+    bright = flat > flat.mean(1, keepdim=True)
+    mean = (flat * bright).sum(1) / bright.sum(1).clamp_min(1)
     low = _upsample(coarse, data.shape[1:])[0]
-    low.add_(floor * mean.clamp_min(1e-12).reshape((-1,) + (1,) * image.ndim))
+    bound = floor * mean.clamp_min(1e-12).reshape((-1,) + (1,) * image.ndim)
+    torch.maximum(low, bound, out=low)
     return image.with_tensor(torch.div(data, low, out=low))
 
 
