@@ -7,9 +7,12 @@ import torch
 
 from medreg.core.grid import Grid
 from medreg.core.image import Image
+from medreg.deformable import greedy
 from medreg.deformable.fields import jacobian_determinant, sample_field
-from medreg.deformable.greedy import syn_mappings, world_gradient
+from medreg.deformable.greedy import GreedySchedule, GreedySyN, syn_mappings, world_gradient
+from medreg.deformable.optimize import SolverOptions
 from medreg.deformable.synthetic import random_velocity
+from medreg.errors import MedregError
 from medreg.io.images import read_image
 from medreg.registration.plugins import STAGES, StageContext, resolve
 from medreg.resample import resample
@@ -138,3 +141,32 @@ def test_area_average_is_adaptive_average_pooling():
     torch.testing.assert_close(area_average(y, (4, 3)),
                                torch.nn.functional.adaptive_avg_pool2d(y, (4, 3)))
 
+
+
+def test_syn_per_level_options_broadcast_and_reach_their_level(slice_case, monkeypatch):
+    """``window``/``step``/``grad_sigma``/``field_sigma`` take one value per level: one value is
+    broadcast, a wrong count is an error, and :class:`GreedySchedule` hands level ``i`` its own
+    settings."""
+    fixed, moving, _, _ = slice_case
+    base = dict(levels=(2, 1), iterations=(8, 3))
+    runs = []
+    for opts in (dict(window=5, grad_sigma=3.0), dict(window="5,5", grad_sigma=(3, 3))):
+        ctx = StageContext(fixed, moving, stage="syn", metric="lncc", options={**base, **opts})
+        runs.append(resolve(STAGES, "syn", "stage")(ctx, None).transform.displacement())
+    assert torch.equal(runs[0], runs[1])
+    ctx = StageContext(fixed, moving, stage="syn", metric="lncc",
+                       options={**base, "window": "5,7,9"})
+    with pytest.raises(MedregError, match="2 pyramid levels but 3 values of window"):
+        resolve(STAGES, "syn", "stage")(ctx, None)
+
+    seen = []
+    monkeypatch.setattr(greedy, "solve_greedy_level",
+                        lambda problem, level, params, its, opts, cb: seen.append(
+                            (level, problem.cc_window, opts.grad_sigma, opts.lr)))
+    levels = ["coarse", "fine"]
+    schedule = GreedySchedule(levels, [SolverOptions(lr=0.25, grad_sigma=3.0),
+                                       SolverOptions(lr=0.5, grad_sigma=1.5)], [9, 5])
+    problem = GreedySyN(None, None, cc_window=1)
+    for level in levels:
+        schedule(problem, level, [], 1, SolverOptions())
+    assert seen == [("coarse", 9, 3.0, 0.25), ("fine", 5, 1.5, 0.5)]

@@ -283,6 +283,31 @@ def solve_greedy_level(problem: GreedySyN, level: Level, params: list[torch.Tens
     return out
 
 
+class GreedySchedule:
+    """Per-level greedy SyN settings, a drop-in ``solver`` for :func:`coarse_to_fine`.
+
+    Args:
+        levels: the pyramid levels, coarse to fine.
+        opts: one :class:`SolverOptions` per level (``lr`` is the step, level voxels).
+        windows: the LNCC window (voxels) of each level, or ``None`` for autograd metrics.
+    """
+
+    def __init__(self, levels: Sequence[Level], opts: Sequence[SolverOptions],
+                 windows: Sequence[int | None]) -> None:
+        if not len(levels) == len(opts) == len(windows):
+            raise MedregError(f"{len(levels)} levels but {len(opts)} option sets and "
+                              f"{len(windows)} windows")
+        self.levels, self.opts, self.windows = list(levels), list(opts), list(windows)
+
+    def __call__(self, problem: GreedySyN, level: Level, params: list[torch.Tensor],
+                 iterations: int, opts: SolverOptions,
+                 callback: Callable[[int, float], None] | None = None) -> LevelResult:
+        """:func:`solve_greedy_level` with this level's settings (``opts`` is ignored)."""
+        i = next(k for k, lv in enumerate(self.levels) if lv is level)
+        problem.cc_window = self.windows[i]
+        return solve_greedy_level(problem, level, params, iterations, self.opts[i], callback)
+
+
 def syn_mappings(u_f: torch.Tensor, u_m: torch.Tensor, field_grid: Grid, grid: Grid, *,
                  iterations: int = 30, tol: float = 1e-2
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

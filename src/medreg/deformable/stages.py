@@ -13,18 +13,19 @@ Options (``ctx.options``; strings such as ``"4,2,1"`` are accepted for tuples):
     ``syn``).
     ``syn`` is greedy (:mod:`medreg.deformable.greedy`): ``step`` (longest update, level voxels)
     replaces ``lr``; its regularization is the smoothing (``grad_sigma``, ``field_sigma``), so
-    it takes no regularizer weights.
+    it takes no regularizer weights. Its ``window``, ``step``, ``grad_sigma`` and
+    ``field_sigma`` take one value for all levels or one per level (coarse to fine).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from medreg.deformable.greedy import GreedySyN, solve_greedy_level, syn_mappings
+from medreg.deformable.greedy import GreedySchedule, GreedySyN, syn_mappings
 from medreg.deformable.memory import estimate_bytes, estimate_greedy_bytes, peak_bytes
 from medreg.deformable.metrics import get_deformable_metric
 from medreg.deformable.optimize import LevelResult, SolverOptions, coarse_to_fine, solve_level
@@ -51,6 +52,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                     steps=0, spacing=12.0, bending=0.0, folding=10.0),
 }
 _TUPLES = {"levels": float, "iterations": int}
+_PER_LEVEL = {"window": int, "step": float, "grad_sigma": float, "field_sigma": float}  # syn
 
 
 def _as_tuple(value: Any, cast: type, name: str) -> tuple:
@@ -73,6 +75,8 @@ def _config(ctx: StageContext, kind: str) -> dict[str, Any]:
             continue  # options of other stages travel in the same dict
         if key in _TUPLES:
             cfg[key] = _as_tuple(value, _TUPLES[key], key)
+        elif kind == "syn" and key in _PER_LEVEL:
+            cfg[key] = _as_tuple(value, _PER_LEVEL[key], key)
         elif key == "spacing":
             cfg[key] = _as_tuple(value, float, key)
         elif key == "metric":
@@ -82,8 +86,14 @@ def _config(ctx: StageContext, kind: str) -> dict[str, Any]:
                 cfg[key] = type(DEFAULTS[kind][key])(value)
             except (TypeError, ValueError):
                 raise MedregError(f"option {key} must be a number, got {value!r}") from None
-    if len(cfg["iterations"]) == 1 and len(cfg["levels"]) > 1:
-        cfg["iterations"] = cfg["iterations"] * len(cfg["levels"])
+    n = len(cfg["levels"])
+    for key in ("iterations", *(_PER_LEVEL if kind == "syn" else ())):
+        value = _as_tuple(cfg[key], _TUPLES.get(key) or _PER_LEVEL[key], key)
+        if len(value) == 1 and n > 1:
+            value = value * n
+        if key != "iterations" and len(value) != n:
+            raise MedregError(f"{n} pyramid levels but {len(value)} values of {key}")
+        cfg[key] = value
     return cfg
 
 
@@ -102,19 +112,34 @@ def _setup(ctx: StageContext, kind: str, n_fields: int) -> _Setup:
     if ctx.fixed.ndim != ctx.moving.ndim:
         raise MedregError(f"fixed image is {ctx.fixed.ndim}D but moving is {ctx.moving.ndim}D")
     name = cfg["metric"] or ctx.metric
-    metric = get_deformable_metric(name, **({"window": cfg["window"]}
+    window = cfg["window"][-1] if isinstance(cfg["window"], tuple) else cfg["window"]
+    metric = get_deformable_metric(name, **({"window": window}
                                             if name.lower() in ("lncc", "cc") else {}))
     levels = build_levels(ctx.fixed, ctx.moving, cfg["levels"], field_factor=cfg["field_factor"],
                           mask=ctx.fixed_mask, relative_fields=kind == "syn",
                           moving_mask=ctx.moving_mask if kind == "syn" else None)
     weights = RegularizerWeights(**{k: cfg.get(k, 0.0) for k in (
         "diffusion", "bending", "elastic", "tv", "folding", "mu", "lam")})
-    solver = SolverOptions(iterations=cfg["iterations"], lr=cfg.get("lr", cfg.get("step")),
-                           grad_sigma=cfg["grad_sigma"], field_sigma=cfg["field_sigma"],
-                           tol=cfg["tol"])
+    solver = SolverOptions(iterations=cfg["iterations"], lr=_first(cfg.get("lr", cfg.get("step"))),
+                           grad_sigma=_first(cfg["grad_sigma"]),
+                           field_sigma=_first(cfg["field_sigma"]), tol=cfg["tol"])
     est = estimate_bytes(levels[-1].grid, levels[-1].moving.grid, levels[-1].field_grid,
                          n_fields=n_fields, steps=max(cfg.get("steps", 0), 1))
     return _Setup(cfg, levels, metric, FieldRegularizer(weights), solver, est)
+
+
+def _first(value: float | tuple) -> float:
+    """A scalar option, or the first level's value of a per-level one (``syn`` replaces it)."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _syn_schedule(setup: _Setup, cc: bool) -> GreedySchedule:
+    """Per-level :class:`SolverOptions` and LNCC windows of the ``syn`` stage."""
+    cfg = setup.cfg
+    opts = [replace(setup.solver, lr=cfg["step"][i], grad_sigma=cfg["grad_sigma"][i],
+                    field_sigma=cfg["field_sigma"][i]) for i in range(len(setup.levels))]
+    windows = list(cfg["window"]) if cc else [None] * len(setup.levels)
+    return GreedySchedule(setup.levels, opts, windows)
 
 
 def _run(ctx: StageContext, setup: _Setup, problem, solver=solve_level
@@ -169,9 +194,9 @@ def run_syn_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
     last = setup.levels[-1]
     setup.estimate = estimate_greedy_bytes(last.grid, last.moving.grid, last.field_grid)
     name = (setup.cfg["metric"] or ctx.metric).lower()
-    problem = GreedySyN(setup.metric, init,
-                        cc_window=setup.cfg["window"] if name in ("lncc", "cc") else None)
-    (u_f, u_m), info = _run(ctx, setup, problem, solve_greedy_level)
+    cc = name in ("lncc", "cc")
+    problem = GreedySyN(setup.metric, init, cc_window=setup.cfg["window"][-1] if cc else None)
+    (u_f, u_m), info = _run(ctx, setup, problem, _syn_schedule(setup, cc))
     t0 = time.perf_counter()
     grid = ctx.fixed.grid
     forward, backward, residuals = syn_mappings(u_f, u_m, setup.levels[-1].field_grid, grid)
