@@ -119,3 +119,51 @@ def test_fused_parzen_matches_the_autograd_reference(name, window):
     ref.backward()
     torch.testing.assert_close(fused, ref)
     torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def _regional_pair(n: int = 4000):
+    """Fixed ``(1, 1, n)``; moving = fixed in region 0 and ``1 - fixed`` (inverted contrast) in
+    region 1, plus a little noise; region ids ``(n,)``."""
+    g = torch.Generator().manual_seed(3)
+    f = torch.rand(1, 1, n, generator=g, dtype=torch.float64)
+    ids = (torch.arange(n) >= n // 2).long()
+    m = torch.where(ids[None, None] == 0, f, 1 - f) + 0.02 * torch.randn(1, 1, n, generator=g,
+                                                                          dtype=torch.float64)
+    return f, m.clamp(0, 1), ids
+
+
+@pytest.mark.parametrize("name", ["mi", "nmi"])
+def test_conditional_mi_with_one_region_is_plain_mi(name):
+    f, m, _ = _regional_pair()
+    opts = dict(bins=16, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0))
+    fn = getattr(Fm, name)
+    ones = torch.zeros(f.shape[-1], dtype=torch.long)
+    torch.testing.assert_close(fn(f, m, **opts, regions=(ones, 1)), fn(f, m, **opts))
+
+
+def test_conditional_mi_is_the_region_weighted_mean_of_regional_mi():
+    # I(F; M | R) = sum_r p(r) I(F; M | R = r), each from its own histogram (same binning)
+    f, m, ids = _regional_pair()
+    opts = dict(bins=16, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0))
+    cond = -Fm.mi(f, m, **opts, regions=(ids, 2))
+    parts = [-Fm.mi(f[..., ids == r], m[..., ids == r], **opts) for r in (0, 1)]
+    assert float(cond) == pytest.approx(0.5 * float(parts[0] + parts[1]), rel=1e-5)  # eps clamps
+    # the contrast flips between regions, so the pooled histogram has two branches: plain MI
+    # loses about ln 2 nats (which branch) that the region tells
+    assert float(cond) - float(-Fm.mi(f, m, **opts)) > 0.5
+
+
+@pytest.mark.parametrize("name", ["mi", "nmi"])
+def test_conditional_mi_gradcheck_float64(name):
+    f, m, ids = _regional_pair(300)
+    m = (0.8 * m + 0.1).requires_grad_(True)
+    mask = (torch.rand_like(f) > 0.2).double()
+    opts = dict(bins=12, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0), regions=(ids, 2))
+    fn = getattr(Fm, name)
+    assert torch.autograd.gradcheck(lambda w: fn(f, w, mask, **opts), (m,), eps=1e-6, atol=1e-5)
+
+
+def test_conditional_mi_needs_the_fused_path():
+    f, m, ids = _regional_pair(100)
+    with pytest.raises(MedregError, match="conditional"):
+        Fm.mi(f.requires_grad_(True), m, bins=12, regions=(ids, 2))

@@ -194,10 +194,13 @@ class _FusedParzen(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, m, f, wt, bins, fr, mr, normalized, fixed_window):  # noqa: D102
+    def forward(ctx, m, f, wt, bins, fr, mr, normalized, fixed_window,  # noqa: D102
+                regions=None, n_regions=1):
         pad = 2
         fi, fw = _fixed_window(fixed_window)(f[None], bins, *fr)
         fi, fw = fi[0], fw[0] * wt[:, None]  # (n, k): fixed bins and weights, k = 1 or 4
+        if regions is not None:  # (region, fixed bin) pairs index the rows
+            fi = fi + (regions * bins)[:, None]
         scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
         pos = m.clamp(*mr)
         dpos = (pos == m).to(m.dtype).mul_(scale)  # d pos / d m: 0 where clamped
@@ -209,25 +212,30 @@ class _FusedParzen(torch.autograd.Function):
         # whole, then the 4 columns are shifted into place (fewer, contiguous writes)
         first = ((fi * bins) + (base.long() - 1)[:, None]).reshape(-1)  # (n * k,)
         total = wt.sum()
-        nb = bins * bins
+        nb = n_regions * bins * bins
         rows = torch.zeros(nb, 4, dtype=m.dtype, device=m.device)
         rows.index_add_(0, first, (fw[:, :, None] * mw[:, None, :]).reshape(-1, 4))
         joint = torch.zeros(nb + 3, dtype=m.dtype, device=m.device)
         for k in range(4):
             joint[k:k + nb] += rows[:, k]
-        joint = (joint[:nb] / total).reshape(bins, bins)
-        # entropies from the logs the gradient needs anyway (as _entropies, fewer operations)
+        joint = (joint[:nb] / total).reshape(n_regions, bins, bins)
+        # entropies from the logs the gradient needs anyway (as _entropies, fewer operations);
+        # with regions R: H(F,R), H(M,R), H(F,M,R); I(F;M|R) = H(F,R) + H(M,R) - H(F,M,R) - H(R)
         logp = joint.clamp_min(_EPS).log()
-        pf, pm = joint.sum(1).clamp_min(_EPS), joint.sum(0).clamp_min(_EPS)
+        pf, pm = joint.sum(2).clamp_min(_EPS), joint.sum(1).clamp_min(_EPS)
         logpm = pm.log()
         h_fm = -(joint * logp).sum()
         h_f = -(pf * pf.log()).sum()
         h_m = -(pm * logpm).sum()
+        if n_regions > 1:
+            pr = joint.sum((1, 2)).clamp_min(_EPS)
+            h_r = -(pr * pr.log()).sum()
+            h_f, h_m, h_fm = h_f - h_r, h_m - h_r, h_fm - h_r  # conditional entropies
         if normalized:  # d(-NMI)/dp up to constants along the moving-bin axis
-            grad_p = (h_fm * logpm[None, :] - (h_f + h_m) * logp) / (h_fm * h_fm)
+            grad_p = (h_fm * logpm[:, None, :] - (h_f + h_m) * logp) / (h_fm * h_fm)
             loss = -(h_f + h_m) / h_fm
         else:  # d(-MI)/dp, same convention
-            grad_p = -(logp - logpm[None, :])
+            grad_p = -(logp - logpm[:, None, :])
             loss = -(h_f + h_m - h_fm)
         ctx.save_for_backward(grad_p.reshape(-1), first, fw, dmw, dpos, total)
         return loss
@@ -240,7 +248,7 @@ class _FusedParzen(torch.autograd.Function):
         windows = padded.as_strided((grad_p.numel(), 4), (1, 1))
         g = windows.index_select(0, first).reshape(fw.shape[0], fw.shape[1], 4)
         gm = ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
-        return grad_out * gm, None, None, None, None, None, None, None
+        return grad_out * gm, None, None, None, None, None, None, None, None, None
 
 
 #: Cubic B-spline weights of bins ``base-1 .. base+2`` as polynomials in ``t``: row k holds
@@ -269,11 +277,14 @@ def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized,
-                 fixed_window):
+                 fixed_window, regions=None):
     if bins < 8:
         raise MedregError(f"mutual information needs at least 8 bins, got {bins}")
     fused = (fixed.shape[0] == 1 and not fixed.requires_grad
              and (mask is None or not mask.requires_grad))
+    if regions is not None and not fused:
+        raise MedregError("regional (conditional) MI needs one image pair without gradients "
+                          "on the fixed image or mask")
     if not fused:
         h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
                                                     moving_range, fixed_window))
@@ -283,21 +294,31 @@ def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalize
     m = warped[0, 0].reshape(-1)
     fr = fixed_range or (float(f.min()), float(f.max()))
     mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
+    ids, n_regions = regions if regions is not None else (None, 1)
     return _FusedParzen.apply(m, f, w[0, 0].reshape(-1).to(m.dtype), bins, fr, mr, normalized,
-                              fixed_window)
+                              fixed_window, ids, n_regions)
 
 
 def mi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
        bins: int = 32, fixed_range=None, moving_range=None,
-       fixed_window: str = "box") -> torch.Tensor:
-    """``-MI`` (nats), Mattes' Parzen estimate (box window on fixed, cubic B-spline on moving)."""
+       fixed_window: str = "box",
+       regions: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """``-MI`` (nats), Mattes' Parzen estimate (box window on fixed, cubic B-spline on moving).
+
+    ``regions = (ids, R)``: ``ids`` ``(P,)`` int64 in ``[0, R)``, a spatial region per point
+    (fused path only); the loss is then ``-I(F; M | region)``, conditional MI (Loeckx et al.
+    2010), whose joint histograms are per region, so a spatially varying intensity relation
+    (bias field) does not blur them.
+    """
     return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, False,
-                        fixed_window)
+                        fixed_window, regions)
 
 
 def nmi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
         bins: int = 32, fixed_range=None, moving_range=None,
-        fixed_window: str = "box") -> torch.Tensor:
-    """``-NMI`` with ``NMI = (H(F) + H(M)) / H(F, M)`` in [1, 2] (Studholme)."""
+        fixed_window: str = "box",
+        regions: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """``-NMI`` with ``NMI = (H(F) + H(M)) / H(F, M)`` in [1, 2] (Studholme); with ``regions``
+    (see :func:`mi`) the entropies are conditional on the region."""
     return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, True,
-                        fixed_window)
+                        fixed_window, regions)

@@ -67,6 +67,13 @@ class LinearOptions:
             MI/NMI when both images are non-negative and, after the coarse levels, correlate
             linearly (mono-modal; a cross-modality pair would be harmed); ``True``: always,
             any metric; ``False``: never.
+        regions: MI/NMI on the finest level conditioned on this many spatial slabs per axis
+            (conditional MI, Loeckx et al. 2010: one joint histogram per region, so a spatially
+            varying intensity relation, such as a bias field under a contrast change, does not
+            blur it). ``"auto"``: :data:`AUTO_REGIONS` when MI/NMI runs on images that were not
+            bias-flattened, else 1 (multi-modal MNI with a bias field at 2 mm, seeds 0-3:
+            0.163 -> 0.112 mm; without a bias field it costs a little: 4 mm remapped MNI
+            0.078 -> 0.11 mm, clean mono 2 mm 0.048 -> 0.055 mm).
         window_mm: LNCC window in mm.
         tol, patience: convergence test (deterministic schedule).
     """
@@ -81,6 +88,7 @@ class LinearOptions:
     bins: int | str = "auto"
     off_grid: bool = True
     flatten_bias: bool | str = "auto"
+    regions: int | str = "auto"
     window_mm: float | None = None
     tol: float = 1e-6
     patience: int = 5
@@ -93,6 +101,9 @@ class LinearOptions:
         stochastic = opts.stochastic
         if stochastic == "auto":
             stochastic = not needs_grid
+        if opts.regions != "auto" and (not isinstance(opts.regions, int) or opts.regions < 1):
+            raise MedregError(f"regions must be a positive integer or 'auto', got "
+                              f"{opts.regions!r}")
         if opts.flatten_bias not in (True, False, "auto"):
             raise MedregError(f"flatten_bias must be true, false or 'auto', got "
                               f"{opts.flatten_bias!r}")
@@ -153,6 +164,10 @@ class LinearOptions:
 #: left the MNI 2 mm errors unchanged within seed spread).
 POOL_BATCHES = 10
 
+
+#: Regions per axis of conditional MI on the finest level (``regions="auto"``): 2 x 2 x 2 in 3D.
+#: Three per axis spread 16,000 points too thinly (multi-modal MNI 2 mm: 0.136 vs 0.112 mm).
+AUTO_REGIONS = 2
 
 #: Levels with at most this many voxels use all of them (with the default ``samples="auto"``).
 SMALL_LEVEL = 8000
@@ -223,14 +238,15 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
         samples = plan[1]
         work = f_l.grid.numel if samples is None or needs_grid else samples
         with threads_for(work * f_l.channels):
-            res = _solve_level(ctx, opts, transform, i, f_l, m_l, n_iter, plan)
+            regions = _regions(ctx, opts, prep) if prep else 1
+            res = _solve_level(ctx, opts, transform, i, f_l, m_l, n_iter, plan, regions)
         history.extend(res.history)
         reason = res.stop_reason
         level_info.append(dict(level=i, factor=opts.levels[i], size=list(f_l.grid.size),
                                optimizer=plan[0], samples=samples, stochastic=plan[2],
                                iterations=res.iterations, stop_reason=res.stop_reason,
                                final_loss=res.best_loss, seconds=time.perf_counter() - t0,
-                               **prep))
+                               regions=regions, **prep))
     return StageOutput(transform=transform, history=history, stop_reason=reason,
                        info={"levels": level_info})
 
@@ -255,8 +271,18 @@ def _finest_images(ctx: StageContext, opts: LinearOptions, transform: LinearTran
     return f_l, m_l, info
 
 
+def _regions(ctx: StageContext, opts: LinearOptions, prep: dict) -> int:
+    """Conditional-MI regions per axis on the finest level (see ``LinearOptions.regions``)."""
+    if ctx.metric not in ("mi", "nmi"):
+        return 1
+    if opts.regions == "auto":
+        return 1 if prep.get("bias_flattened") else AUTO_REGIONS
+    return int(opts.regions)
+
+
 def _solve_level(ctx: StageContext, opts: LinearOptions, transform: LinearTransform, i: int,
-                 f_l: Image, m_l: Image, n_iter: int, plan: tuple[str, int | None, bool]):
+                 f_l: Image, m_l: Image, n_iter: int, plan: tuple[str, int | None, bool],
+                 regions: int = 1):
     """Optimize ``transform`` in place on pyramid level ``i``; returns the optimizer result."""
     optimizer, samples, stochastic = plan
     metric = get_metric(ctx.metric, **_metric_options(ctx, opts, f_l))
@@ -266,7 +292,7 @@ def _solve_level(ctx: StageContext, opts: LinearOptions, transform: LinearTransf
                                batches=min(n_iter, POOL_BATCHES),
                                seed=ctx.seed + i,
                                dtype=torch.float64 if optimizer == "lbfgs" else torch.float32,
-                               off_grid=opts.off_grid)
+                               off_grid=opts.off_grid, regions=regions)
     scale = 2.0 ** (len(opts.levels) - 1 - i)
     cfg = OptimizerConfig(name=optimizer, lr=opts.lr * scale, max_iter=n_iter,
                           tol=opts.tol, patience=opts.patience,

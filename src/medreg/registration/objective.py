@@ -64,7 +64,7 @@ class LevelObjective:
                  fixed_mask: Image | None = None, moving_mask: Image | None = None,
                  samples: int | None = None, resample_every_call: bool = False,
                  batches: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 off_grid: bool = False) -> None:
+                 off_grid: bool = False, regions: int = 1) -> None:
         self.fixed, self.moving = fixed.to(dtype), moving.to(dtype)
         self.metric = metric
         self.generator = torch.Generator().manual_seed(seed)
@@ -88,6 +88,8 @@ class LevelObjective:
         self._index_lo, self._index_hi = lo[:, None], hi[:, None]
         self.candidates = None if fmask is None else torch.nonzero(fmask.reshape(-1)).squeeze(1)
         self.batches = max(1, int(batches)) if self.stochastic else 1
+        self.n_regions = int(regions) ** self.fixed.ndim if metric.is_histogram else 1
+        self._per_axis = int(regions)
         self._draw()
         self._next = -1  # the first stochastic evaluation uses batch 0
         self.ranges = {}
@@ -106,6 +108,10 @@ class LevelObjective:
             self.points = self.fixed.grid.world_points(self.fvals.dtype)  # (*S, dim)
             self.rows = self.points.reshape(-1, self.points.shape[-1]).T.contiguous()
             self.values, self.weights = self.fvals, self.fmask
+            if self.n_regions > 1:
+                flat = torch.arange(self.fixed.grid.numel)
+                index = index_from_flat(flat, self.fixed.grid.size).T.to(self.fvals.dtype)
+                self.regions = self._region_ids(index)
             return
         pool = self.candidates
         n_pool = pool.numel() if pool is not None else self.fixed.grid.numel
@@ -129,11 +135,25 @@ class LevelObjective:
         dim, c = rows.shape[0], values.shape[0]
         self._pool_rows = rows.reshape(dim, self.batches, n).transpose(0, 1).contiguous()
         self._pool_values = values.reshape(c, self.batches, n).transpose(0, 1).contiguous()
+        self._pool_regions = (self._region_ids(index).reshape(self.batches, n)
+                              if self.n_regions > 1 else None)
         self.weights = None
         self._set_batch(0)
 
+    def _region_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Spatial region of each fixed point ``(dim, P)`` voxel indices -> ``(P,)`` int64:
+        the fixed grid cut into ``regions`` equal slabs per axis."""
+        g = self._per_axis
+        ids = torch.zeros(index.shape[1], dtype=torch.long)
+        for a, size in enumerate(self.fixed.grid.size):
+            r = ((index[a] + 0.5) * (g / size)).floor().long().clamp_(0, g - 1)
+            ids += r * g ** a
+        return ids
+
     def _set_batch(self, b: int) -> None:
         self.rows, self.values = self._pool_rows[b], self._pool_values[b]
+        if self._pool_regions is not None:
+            self.regions = self._pool_regions[b]
         self.points = self.rows.T  # (n, dim) view, for transforms other than LinearTransform
 
     def _next_batch(self) -> None:
@@ -160,7 +180,8 @@ class LevelObjective:
         if float(weight.sum()) == 0:
             # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
             return warped.sum() * 0.0 + NO_OVERLAP_LOSS
-        return self.metric(self.values[None], warped, weight, **self.ranges)
+        extra = {"regions": (self.regions, self.n_regions)} if self.n_regions > 1 else {}
+        return self.metric(self.values[None], warped, weight, **self.ranges, **extra)
 
     def _warp_linear(self, transform: LinearTransform) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast path: ``(1, C, *P)`` moving values and ``(1, 1, *P)`` overlap weights, with
