@@ -11,6 +11,7 @@ from medreg.deformable import greedy
 from medreg.deformable.fields import jacobian_determinant, sample_field
 from medreg.deformable.greedy import GreedySchedule, GreedySyN, syn_mappings, world_gradient
 from medreg.deformable.optimize import SolverOptions
+from medreg.deformable.stages import PRESETS as STAGE_PRESETS
 from medreg.deformable.synthetic import random_velocity
 from medreg.errors import MedregError
 from medreg.io.images import read_image
@@ -170,3 +171,21 @@ def test_syn_per_level_options_broadcast_and_reach_their_level(slice_case, monke
     for level in levels:
         schedule(problem, level, [], 1, SolverOptions())
     assert seen == [("coarse", 9, 3.0, 0.25), ("fine", 5, 1.5, 0.5)]
+
+
+def test_syn_preset_equals_its_explicit_options_and_options_override_it(slice_case):
+    """``preset="intersubject"`` is shorthand for its per-level settings; an explicit option
+    (``iterations`` here) still wins, and an unknown name is an error."""
+    fixed, moving, _, _ = slice_case
+    explicit = dict(STAGE_PRESETS["syn"]["intersubject"], iterations=(8, 4, 2))
+    runs = []
+    for opts in (dict(preset="intersubject", iterations="8,4,2"), explicit):
+        ctx = StageContext(fixed, moving, stage="syn", metric="lncc", options=opts)
+        out = resolve(STAGES, "syn", "stage")(ctx, None)
+        runs.append(out.transform.displacement())
+        assert out.info["level_iterations"] == [8, 4, 2]
+    assert torch.equal(runs[0], runs[1])
+    assert STAGE_PRESETS["syn"]["intersubject"]["window"] == (9, 7, 5)
+    ctx = StageContext(fixed, moving, stage="syn", metric="lncc", options=dict(preset="brain"))
+    with pytest.raises(MedregError, match="unknown syn preset 'brain'"):
+        resolve(STAGES, "syn", "stage")(ctx, None)

@@ -15,6 +15,8 @@ Options (``ctx.options``; strings such as ``"4,2,1"`` are accepted for tuples):
     replaces ``lr``; its regularization is the smoothing (``grad_sigma``, ``field_sigma``), so
     it takes no regularizer weights. Its ``window``, ``step``, ``grad_sigma`` and
     ``field_sigma`` take one value for all levels or one per level (coarse to fine).
+    ``preset`` (``syn`` only, see :data:`PRESETS`): named settings in place of the defaults,
+    e.g. ``"intersubject"``; the other options still override them.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "bspline": dict(_COMMON, lr=0.05, grad_sigma=0.0, field_sigma=0.0, field_factor=2.0,
                     steps=0, spacing=12.0, bending=0.0, folding=10.0),
 }
+# Named settings that replace the defaults (explicit options still override them). "intersubject":
+# less smoothing and smaller windows towards the finest level, which fits the cortex of another
+# subject; the smooth known warp of the benchmark prefers the defaults (docs/notes,
+# issue-3-session4.md).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "syn": {"intersubject": dict(levels=(4.0, 2.0, 1.0), iterations=(60, 30, 12), window=(9, 7, 5),
+                                 step=(0.25, 0.25, 0.5), grad_sigma=(3.0, 2.0, 1.5))},
+}
 _TUPLES = {"levels": float, "iterations": int}
 _PER_LEVEL = {"window": int, "step": float, "grad_sigma": float, "field_sigma": float}  # syn
 
@@ -68,6 +78,12 @@ def _as_tuple(value: Any, cast: type, name: str) -> tuple:
 
 def _config(ctx: StageContext, kind: str) -> dict[str, Any]:
     cfg = dict(DEFAULTS[kind])
+    preset = ctx.options.get("preset")
+    if preset is not None and kind in PRESETS:
+        if preset not in PRESETS[kind]:
+            raise MedregError(f"unknown {kind} preset {preset!r}; "
+                              f"choose from {sorted(PRESETS[kind])}")
+        cfg.update(PRESETS[kind][preset])
     for key, value in ctx.options.items():
         if key == "deformable_metric":  # the linear stages use ``ctx.metric``
             key = "metric"
