@@ -148,7 +148,7 @@ def _lengths(field: torch.Tensor) -> torch.Tensor:
 
 def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
                         tol: float = 1e-3) -> InversionResult:
-    """Invert ``phi(x) = x + u(x)`` by Newton's iteration on ``phi(y + w(y)) = y``.
+    """Invert ``phi(x) = x + u(x)``: fixed-point steps, Newton's once those diverge.
 
     Args:
         disp: ``(1, dim, *S)`` displacement ``u`` in mm on ``grid``.
@@ -158,39 +158,43 @@ def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
     Returns:
         :class:`InversionResult`; the residual is ``|phi(phi^-1(y)) - y|`` at every voxel ``y``.
 
-    Convention: ``phi^-1(y) = y + w(y)``, starting from ``w = -u``; each step is
-    ``w <- w - J(y + w)^-1 r`` with the residual ``r = w + u(y + w)`` and ``J`` the Jacobian of
-    ``phi`` (its inverse interpolated from the voxel centres), each step at most one (smallest)
-    voxel long. The plain fixed-point step ``w <- -u(y + w)`` (``J = I``) diverges where
-    ``|grad u| >= 1``, e.g. where greedy SyN compresses tissue strongly; Newton's converges
-    wherever ``phi`` is unfolded. Points ``y + w`` outside the grid's voxel centres take the plain
-    step, since there the border-clamped ``u`` makes the interpolated ``J`` wrong (Newton's
-    steps can cycle); so do voxels where ``det J`` is small or negative. A voxel whose residual
-    grew goes back to its last point and halves its step (doubled again, up to one, after a
-    success): Newton's steps from a poor start can overshoot where ``J`` varies fast.
+    Convention: ``phi^-1(y) = y + w(y)``, starting from ``w = -u``. Steps are the plain
+    fixed-point ``w <- -u(y + w)`` (``r = w + u(y + w)`` subtracted) until a residual above
+    ``tol`` grows at a voxel whose ``y + w`` is inside the grid: that step diverges where
+    ``|grad u| >= 1``, e.g. where greedy SyN compresses tissue strongly. From then on the steps
+    are Newton's, ``w <- w - J(y + w)^-1 r`` with ``J`` the Jacobian of ``phi`` (its inverse
+    interpolated from the voxel centres; ``I`` where ``det J`` is small or negative), at most
+    one (smallest) voxel long, which converge wherever ``phi`` is unfolded; points ``y + w``
+    beyond the border voxel centres keep the plain step, since the border-clamped ``u`` makes
+    the interpolated ``J`` wrong there. A voxel whose residual (above ``tol``) grew goes back to
+    its last point and halves its step (doubled again, up to one, after a success).
     """
     check_field(disp, grid, "displacement")
     ident = identity_norm(grid, disp.dtype, disp.device)
     with torch.no_grad():
-        jinv = _inverse_jacobians(disp, grid)
         cap = float(min(grid.spacing))
         w = -disp.clone()
         damp = torch.ones_like(disp[:, :1])  # per-voxel step factor of the backtracking
-        it, res, prev = 0, None, None
+        it, res, prev, jinv = 0, None, None, None
         for it in range(1, iterations + 1):  # noqa: B007 - the count is reported
             points = ident + norm_offsets(w, grid)  # (1, *S, dim) normalized, x first
             r = sample(disp, points, mode="linear", padding="border").add_(w)
             res = _lengths(r)[:, None]
-            if prev is not None:  # undo the steps that did not shrink the residual
-                worse = res > prev[2]
+            worse = None if prev is None else (res > prev[2]) & (res > tol)
+            if worse is not None and bool(worse.any()):  # undo the steps that did not help
+                if jinv is None and bool((worse & ~_outside(points)).any()):
+                    jinv = _inverse_jacobians(disp, grid)  # the plain step fails: Newton now
                 damp = torch.where(worse, damp * 0.5, (damp * 2).clamp_(max=1.0))
                 w, r, res = (torch.where(worse, a, b) for a, b in zip(prev, (w, r, res),
                                                                       strict=True))
                 points = ident + norm_offsets(w, grid)
+            elif worse is not None and jinv is not None:
+                damp = (damp * 2).clamp_(max=1.0)
             if float(res.max()) < tol:
                 break
             prev = (w, r, res)
-            w = w - _newton_step(jinv, points, r, cap).mul_(damp)
+            step = r if jinv is None else _newton_step(jinv, points, r, cap)
+            w = w - step * damp
         else:
             res = _lengths(w + warp_field(disp, grid, w, ident))
     return InversionResult(w, float(res.max()), float(res.mean()), it)
@@ -202,8 +206,13 @@ def _newton_step(jinv: torch.Tensor, points: torch.Tensor, r: torch.Tensor, cap:
     mm long; the plain step ``r`` at points beyond the border voxel centres."""
     step = _apply_matrices(sample(jinv, points, mode="linear", padding="border"), r)
     step.mul_((cap / _lengths(step).clamp_(min=cap))[:, None])
-    outside = (points.abs() > 1 + 1e-5).any(-1)[:, None]  # identity_norm: centres at +-1
-    return torch.where(outside, r, step)
+    return torch.where(_outside(points), r, step)
+
+
+def _outside(points: torch.Tensor) -> torch.Tensor:
+    """``(1, 1, *S)`` True where normalized ``points`` ``(1, *S, dim)`` lie beyond the border
+    voxel centres (``identity_norm`` puts those at +-1)."""
+    return (points.abs() > 1 + 1e-5).any(-1)[:, None]
 
 
 def _inverse_jacobians(disp: torch.Tensor, grid: Grid, min_det: float = 1e-2) -> torch.Tensor:
