@@ -100,8 +100,10 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
         pad = [0] * (2 * nsp)
         if axis == nsp - 1:  # contiguous axis: running sum by cumsum
             pad[0], pad[1] = r + 1, r
-            c = torch.cumsum(F.pad(x, pad), dim=dim)
+            c = F.pad(x, pad)
+            c = c.cumsum_(dim) if not c.requires_grad else torch.cumsum(c, dim=dim)
             x = c.narrow(dim, window, n) - c.narrow(dim, 0, n)
+            del c  # one padded buffer at a time
         else:  # outer axes: adding shifted slabs is ~3x faster than cumsum there
             pad[2 * (nsp - 1 - axis)] = pad[2 * (nsp - 1 - axis) + 1] = r
             xp = F.pad(x, pad)
@@ -110,4 +112,6 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
                 acc = acc + xp.narrow(dim, k, n) if acc.requires_grad else \
                     acc.add_(xp.narrow(dim, k, n))
             x = acc
-    return x / float(window**nsp)
+            del xp, acc  # the next axis pads a new buffer: free this one first
+    scale = 1.0 / float(window**nsp)
+    return x * scale if x.requires_grad else x.mul_(scale)  # x is always a new tensor here

@@ -26,18 +26,28 @@ def _wmean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1e-12)
 
 
-def _inside_fraction(shape: tuple[int, ...], window: int, dtype: torch.dtype,
-                     device: torch.device) -> torch.Tensor:
-    """``(1, 1, *S)`` fraction of each centred box inside the image (separable outer product)."""
+def _inside_factors(shape: tuple[int, ...], window: int, dtype: torch.dtype,
+                    device: torch.device) -> list[torch.Tensor]:
+    """Per-axis fractions of each centred box inside the image, as broadcastable
+    ``(1, 1, 1.., n, ..1)`` vectors; their product is the in-bounds fraction of the box."""
     r = window // 2
-    out = torch.ones((), dtype=dtype, device=device)
+    out = []
     for axis, n in enumerate(shape):
         i = torch.arange(n, device=device)
         count = (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(dtype) / window
-        view = [1] * len(shape)
-        view[axis] = n
-        out = out * count.reshape(view)
-    return out[None, None]
+        view = [1, 1] + [1] * len(shape)
+        view[2 + axis] = n
+        out.append(count.reshape(view))
+    return out
+
+
+def _inside_fraction(shape: tuple[int, ...], window: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """``(1, 1, *S)`` fraction of each centred box inside the image (separable outer product)."""
+    out = torch.ones((1, 1) + (1,) * len(shape), dtype=dtype, device=device)
+    for f in _inside_factors(shape, window, dtype, device):
+        out = out * f
+    return out
 
 
 def _lncc_terms(fixed: torch.Tensor, warped: torch.Tensor, window: int, eps: float,
@@ -127,10 +137,18 @@ def lncc_force(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | N
         ``(loss, force_f, force_w)``: scalar, and two ``(N, C, *S)`` tensors (no graph).
     """
     with torch.no_grad():  # in-place arithmetic: this runs once per greedy iteration
-        inv = _inside_fraction(fixed.shape[2:], window, fixed.dtype, fixed.device).reciprocal_()
+        inv = [f.reciprocal() for f in
+               _inside_factors(fixed.shape[2:], window, fixed.dtype, fixed.device)]
+
+        def inside_mean(x: torch.Tensor) -> torch.Tensor:  # separable: no image-sized factor
+            out = box_mean(x, window)
+            for f in inv:
+                out.mul_(f)
+            return out
+
         # one statistic at a time, and each buffer reused once its value is spent, keeps the
         # peak at about seven image-sized tensors
-        mf, mw, vf, vw, cov = (box_mean(x, window).mul_(inv) for x in (
+        mf, mw, vf, vw, cov = (inside_mean(x) for x in (
             fixed, warped, fixed * fixed, warped * warped, fixed * warped))
         vf.addcmul_(mf, mf, value=-1).clamp_(min=0)
         vw.addcmul_(mw, mw, value=-1).clamp_(min=0)
