@@ -35,6 +35,7 @@ from medreg.deformable.fields import (
     resample_field,
 )
 from medreg.deformable.filters import gaussian_smooth
+from medreg.deformable.memory import release_free_heap
 from medreg.deformable.metrics import lncc_force
 from medreg.deformable.optimize import (
     LevelResult,
@@ -268,6 +269,7 @@ def solve_greedy_level(problem: GreedySyN, level: Level, params: list[torch.Tens
     Small levels run on one intra-op thread (:func:`medreg.engine.threads.threads_for`).
     """
     out = LevelResult(stop_reason=f"maximum iterations ({iterations})")
+    release_free_heap()  # the previous level's freed buffers: not part of this level's peak
     with torch.no_grad(), threads_for(level.grid.numel):
         for it in range(iterations):
             with torch.enable_grad():
@@ -327,6 +329,7 @@ def syn_mappings(u_f: torch.Tensor, u_m: torch.Tensor, field_grid: Grid, grid: G
     Convention: both returned fields map points of ``grid``: the forward one into the moving
     space before ``init``, the inverse one from that space back to the fixed space.
     """
+    release_free_heap()
     with torch.no_grad():
         inv_f = invert_displacement(u_f, field_grid, iterations=iterations, tol=tol)
         inv_m = invert_displacement(u_m, field_grid, iterations=iterations, tol=tol)

@@ -53,3 +53,33 @@ def peak_bytes(device: str | torch.device = "cpu") -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed blocks for reuse, so a level's temporaries stay resident while the next
+    level allocates differently sized ones; trimming between levels keeps the process peak
+    near the live data plus one level's temporaries (greedy SyN at 2 mm: about -17 MB).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    global _TRIM
+    if _TRIM is False:
+        return None
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") \
+                else False
+        except (OSError, AttributeError):
+            _TRIM = False
+    return _TRIM or None
+
+
+_TRIM = None  # resolved on first use: the libc function, or False where there is none
