@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +185,20 @@ def test_ngf_and_mind_are_minimal_for_a_contrast_inverted_copy():
 def test_unknown_metric_is_a_clear_error():
     with pytest.raises(MedregError, match="unknown deformable metric"):
         get_deformable_metric("nope")
+
+
+@pytest.mark.parametrize("shape,window", [((1, 1, 40, 13, 11), 5), ((1, 1, 23, 10, 9), 9),
+                                          ((1, 1, 17, 12), 3)])
+def test_lncc_force_in_slabs_equals_one_pass(shape, window):
+    """Slabs with a halo of window // 2 slices see every box whole: the same forces exactly,
+    the same loss up to the order of summation."""
+    gen = torch.Generator().manual_seed(2)
+    f, w = torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+    mask = (torch.rand((1, 1) + shape[2:], generator=gen) > 0.3).float()
+    per_slice = int(np.prod(shape[3:]))
+    for m in (None, mask):
+        whole = lncc_force(f, w, m, window, slab_voxels=10**9)
+        slabs = lncc_force(f, w, m, window, slab_voxels=3 * per_slice)  # one window thick
+        torch.testing.assert_close(slabs[1], whole[1], rtol=0, atol=0)
+        torch.testing.assert_close(slabs[2], whole[2], rtol=0, atol=0)
+        torch.testing.assert_close(slabs[0], whole[0], rtol=1e-6, atol=1e-7)

@@ -118,8 +118,14 @@ def lncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = 
     return _LNCC.apply(fixed, warped, weights, int(window), float(eps))
 
 
+#: ``lncc_force`` works through the first spatial axis in slabs of about this many voxels (with
+#: a halo of ``window // 2`` slices each side), so its statistics take a few slab-sized
+#: buffers instead of about seven image-sized ones; results are identical.
+LNCC_SLAB_VOXELS = 2**18
+
+
 def lncc_force(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
-               window: int = 5, eps: float = 1e-5
+               window: int = 5, eps: float = 1e-5, slab_voxels: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of :func:`lncc` and the pointwise CC forces of greedy SyN (ANTs, DIPY).
 
@@ -133,38 +139,85 @@ def lncc_force(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | N
     Boxes are averaged over their in-bounds voxels (as ANTs does), so the image border does not
     produce spurious forces; the loss is computed from the same statistics.
 
+    Large volumes are processed in slabs along the first spatial axis (``slab_voxels``, default
+    :data:`LNCC_SLAB_VOXELS`; each slab carries ``window // 2`` neighbouring slices each side,
+    so every box sees the same voxels as in one pass).
+
     Returns:
         ``(loss, force_f, force_w)``: scalar, and two ``(N, C, *S)`` tensors (no graph).
     """
     with torch.no_grad():  # in-place arithmetic: this runs once per greedy iteration
         inv = [f.reciprocal() for f in
                _inside_factors(fixed.shape[2:], window, fixed.dtype, fixed.device)]
-
-        def inside_mean(x: torch.Tensor) -> torch.Tensor:  # separable: no image-sized factor
-            out = box_mean(x, window)
-            for f in inv:
-                out.mul_(f)
-            return out
-
-        # one statistic at a time, and each buffer reused once its value is spent, keeps the
-        # peak at about seven image-sized tensors
-        mf, mw, vf, vw, cov = (inside_mean(x) for x in (
-            fixed, warped, fixed * fixed, warped * warped, fixed * warped))
-        vf.addcmul_(mf, mf, value=-1).clamp_(min=0)
-        vw.addcmul_(mw, mw, value=-1).clamp_(min=0)
-        cov.addcmul_(mf, mw, value=-1)
-        t = torch.mul(vf, vw).add_(eps)
-        torch.div(cov, t, out=t)  # A / (BC + eps)
-        loss = -_wmean(cov.mul_(t), mask)
-        del cov
-        fc, wc = mf.neg_().add_(fixed), mw.neg_().add_(warped)  # f', w' in the means' buffers
-        force_w = vf.mul_(t).mul_(wc).sub_(fc).mul_(t).mul_(2)  # -2t (f' - t B w')
-        force_f = vw.mul_(t).mul_(fc).sub_(wc).mul_(t).mul_(2)
-        if mask is not None:
-            m = mask.to(fixed.dtype)
-            force_w.mul_(m)
-            force_f.mul_(m)
+        depth, r = fixed.shape[2], window // 2
+        per_slice = max(1, fixed[:, :, :1].numel())
+        thick = max(2 * r + 1, (slab_voxels or LNCC_SLAB_VOXELS) // per_slice)
+        if thick >= depth:
+            return _lncc_force_block(fixed, warped, mask, window, eps, inv, 0, depth, 0, depth)
+        force_f, force_w = torch.empty_like(fixed), torch.empty_like(warped)
+        num = torch.zeros((), dtype=torch.float64, device=fixed.device)
+        den = torch.zeros((), dtype=torch.float64, device=fixed.device)
+        for z0 in range(0, depth, thick):
+            z1 = min(depth, z0 + thick)
+            a, b = max(0, z0 - r), min(depth, z1 + r)
+            part = _lncc_force_block(fixed, warped, mask, window, eps, inv, a, b, z0, z1,
+                                     sums=True)
+            n_cc, n_w, f_f, f_w = part
+            num += n_cc
+            den += n_w
+            force_f[:, :, z0:z1].copy_(f_f)
+            force_w[:, :, z0:z1].copy_(f_w)
+        loss = (-num / den.clamp_min(1e-12)).to(fixed.dtype)
         return loss, force_f, force_w
+
+
+def _lncc_force_block(fixed, warped, mask, window, eps, inv, a, b, z0, z1, sums=False):
+    """:func:`lncc_force` on slices ``[a, b)`` of the first spatial axis, kept on ``[z0, z1)``.
+
+    ``inv`` are the whole image's per-axis inside factors (reciprocals). Returns ``(loss,
+    force_f, force_w)``, or with ``sums`` the weighted CC sum and weight sum of the kept
+    slices (float64) instead of the loss.
+    """
+    f, w = fixed[:, :, a:b], warped[:, :, a:b]
+    m = None if mask is None else mask[:, :, a:b].to(fixed.dtype)
+    factors = [inv[0][:, :, a:b]] + inv[1:]
+
+    def inside_mean(x: torch.Tensor) -> torch.Tensor:  # separable: no image-sized factor
+        out = box_mean(x, window)
+        for fac in factors:
+            out.mul_(fac)
+        return out
+
+    # one statistic at a time, and each buffer reused once its value is spent, keeps the
+    # peak at about seven block-sized tensors
+    mf, mw, vf, vw, cov = (inside_mean(x) for x in (f, w, f * f, w * w, f * w))
+    vf.addcmul_(mf, mf, value=-1).clamp_(min=0)
+    vw.addcmul_(mw, mw, value=-1).clamp_(min=0)
+    cov.addcmul_(mf, mw, value=-1)
+    t = torch.mul(vf, vw).add_(eps)
+    torch.div(cov, t, out=t)  # A / (BC + eps)
+    cc = cov.mul_(t)
+    keep = slice(z0 - a, z1 - a)
+    if sums:
+        cck = cc[:, :, keep]
+        if m is None:
+            n_cc, n_w = cck.sum(dtype=torch.float64), float(cck.numel())
+        else:
+            mk = m[:, :, keep].expand_as(cck)
+            n_cc, n_w = (cck * mk).sum(dtype=torch.float64), mk.sum(dtype=torch.float64)
+        head = (n_cc, torch.as_tensor(n_w, dtype=torch.float64))
+    else:
+        head = (-_wmean(cc, mask),)
+    del cov, cc
+    fc, wc = mf.neg_().add_(f), mw.neg_().add_(w)  # f', w' in the means' buffers
+    force_w = vf.mul_(t).mul_(wc).sub_(fc).mul_(t).mul_(2)  # -2t (f' - t B w')
+    force_f = vw.mul_(t).mul_(fc).sub_(wc).mul_(t).mul_(2)
+    if m is not None:
+        force_w.mul_(m)
+        force_f.mul_(m)
+    if sums:
+        return (*head, force_f[:, :, keep], force_w[:, :, keep])
+    return (*head, force_f, force_w)
 
 
 def lncc_reference(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
