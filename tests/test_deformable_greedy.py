@@ -189,3 +189,11 @@ def test_syn_preset_equals_its_explicit_options_and_options_override_it(slice_ca
     ctx = StageContext(fixed, moving, stage="syn", metric="lncc", options=dict(preset="brain"))
     with pytest.raises(MedregError, match="unknown syn preset 'brain'"):
         resolve(STAGES, "syn", "stage")(ctx, None)
+
+
+def test_syn_preset_with_other_levels_says_what_to_give(slice_case):
+    fixed, moving, _, _ = slice_case
+    ctx = StageContext(fixed, moving, stage="syn", metric="lncc",
+                       options=dict(preset="intersubject", levels="2,1"))
+    with pytest.raises(MedregError, match="preset 'intersubject' sets window for 3 levels"):
+        resolve(STAGES, "syn", "stage")(ctx, None)

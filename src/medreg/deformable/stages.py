@@ -108,7 +108,10 @@ def _config(ctx: StageContext, kind: str) -> dict[str, Any]:
         if len(value) == 1 and n > 1:
             value = value * n
         if key != "iterations" and len(value) != n:
-            raise MedregError(f"{n} pyramid levels but {len(value)} values of {key}")
+            hint = (f" (preset {preset!r} sets {key} for {len(value)} levels: give {key} for "
+                    f"your {n} levels too)" if preset is not None and key not in ctx.options
+                    else "")
+            raise MedregError(f"{n} pyramid levels but {len(value)} values of {key}{hint}")
         cfg[key] = value
     return cfg
 
