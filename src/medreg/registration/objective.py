@@ -109,7 +109,7 @@ class LevelObjective:
             self.rows = self.points.reshape(-1, self.points.shape[-1]).T.contiguous()
             self.values, self.weights = self.fvals, self.fmask
             if self.n_regions > 1:
-                flat = torch.arange(self.fixed.grid.numel)
+                flat = torch.arange(self.fixed.grid.numel, device=self.fvals.device)
                 index = index_from_flat(flat, self.fixed.grid.size).T.to(self.fvals.dtype)
                 self.regions = self._region_ids(index)
             return
@@ -120,17 +120,19 @@ class LevelObjective:
         # batch is already in memory order (2x faster sampling) and covers the image evenly
         u = torch.rand(self.batches, n, generator=self.generator).double()  # float32 RNG: 3x faster
         pick = ((torch.arange(n, dtype=torch.float64) + u) * (n_pool / n)).long().reshape(-1)
-        idx = pool[pick.clamp_max(n_pool - 1)] if pool is not None else pick.clamp_max(n_pool - 1)
+        pick = pick.clamp_max(n_pool - 1).to(self.fvals.device)  # drawn on the CPU generator
+        idx = pool[pick] if pool is not None else pick
         index = index_from_flat(idx, self.fixed.grid.size).T.to(self.fvals.dtype)  # (dim, B*n)
         if self.off_grid:
             # jitter within the voxel so fixed and moving are both interpolated: this removes
             # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
             index = index + (torch.rand(index.shape, generator=self.generator)
-                             .to(index.dtype) - 0.5)
+                             .to(index) - 0.5)
             values = interp_linear(self.fvals, index, with_grad=False)[0]
         else:
             values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
-        w = torch.as_tensor(self.fixed.grid.world_from_index, dtype=index.dtype)
+        w = torch.as_tensor(self.fixed.grid.world_from_index, dtype=index.dtype,
+                            device=index.device)
         rows = torch.addmm(w[:-1, -1:], w[:-1, :-1], index)  # (dim, B*n) world mm
         dim, c = rows.shape[0], values.shape[0]
         self._pool_rows = rows.reshape(dim, self.batches, n).transpose(0, 1).contiguous()
@@ -144,7 +146,7 @@ class LevelObjective:
         """Spatial region of each fixed point ``(dim, P)`` voxel indices -> ``(P,)`` int64:
         the fixed grid cut into ``regions`` equal slabs per axis."""
         g = self._per_axis
-        ids = torch.zeros(index.shape[1], dtype=torch.long)
+        ids = torch.zeros(index.shape[1], dtype=torch.long, device=index.device)
         for a, size in enumerate(self.fixed.grid.size):
             r = ((index[a] + 0.5) * (g / size)).floor().long().clamp_(0, g - 1)
             ids += r * g ** a
