@@ -6,6 +6,8 @@ figure that matters on a shared CPU machine, or the CUDA allocator peak on a GPU
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 import sys
 
@@ -67,19 +69,12 @@ def release_free_heap() -> None:
         trim(0)
 
 
+@functools.cache
 def _malloc_trim():
-    global _TRIM
-    if _TRIM is False:
+    """glibc's ``malloc_trim``, or ``None`` where there is none (resolved once)."""
+    if not sys.platform.startswith("linux"):
         return None
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") \
-                else False
-        except (OSError, AttributeError):
-            _TRIM = False
-    return _TRIM or None
-
-
-_TRIM = None  # resolved on first use: the libc function, or False where there is none
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -59,8 +59,7 @@ def lowpass(image: Image, sigma_mm: float) -> torch.Tensor:
     for a blur this wide the result differs from a full-resolution blur by far less than the
     bias it estimates, at a small fraction of the cost. Returns ``(C, *S)``.
     """
-    data = _float(image)
-    coarse = _coarse_lowpass(data, tensor_order(list(image.grid.spacing)), sigma_mm)
+    data, coarse = _float(image), _coarse_of(image, sigma_mm)
     return _upsample(coarse, data.shape[1:])[0]
 
 
@@ -76,8 +75,7 @@ def flatten_bias(image: Image, sigma_mm: float = BIAS_SIGMA_MM,
     if not (sigma_mm > 0 and floor > 0):
         raise ValueError(f"bias flattening needs sigma_mm > 0 and floor > 0, got {sigma_mm}, "
                          f"{floor}")
-    data = _float(image)
-    coarse = _coarse_lowpass(data, tensor_order(list(image.grid.spacing)), sigma_mm)
+    data, coarse = _float(image), _coarse_of(image, sigma_mm)
     flat = coarse.flatten(2)[0]
     bright = flat > flat.mean(1, keepdim=True)
     mean = (flat * bright).sum(1) / bright.sum(1).clamp_min(1)
@@ -85,6 +83,10 @@ def flatten_bias(image: Image, sigma_mm: float = BIAS_SIGMA_MM,
     bound = floor * mean.clamp_min(1e-12).reshape((-1,) + (1,) * image.ndim)
     torch.maximum(low, bound, out=low)
     return image.with_tensor(torch.div(data, low, out=low))
+
+
+def _coarse_of(image: Image, sigma_mm: float) -> torch.Tensor:
+    return _coarse_lowpass(_float(image), tensor_order(list(image.grid.spacing)), sigma_mm)
 
 
 def _float(image: Image) -> torch.Tensor:
