@@ -42,7 +42,8 @@ def sample(tensor: torch.Tensor, norm_points: torch.Tensor, *, mode: str = "line
     return out.reshape(n, tensor.shape[1], *pshape)
 
 
-#: Points per 3D sample call above which the CPU work is split over the intra-op threads.
+#: Points times channels per 3D sample call above which the CPU work is split over the
+#: intra-op threads.
 SPLIT_POINTS = 200_000
 
 
@@ -51,7 +52,7 @@ def _slab_count(tensor: torch.Tensor, pts: torch.Tensor) -> int:
     batch item, so a single large volume would use one core)."""
     k = torch.get_num_threads()
     if (k < 2 or tensor.ndim != 5 or tensor.shape[0] != 1 or tensor.device.type != "cpu"
-            or pts[0, ..., 0].numel() < SPLIT_POINTS):
+            or pts[0, ..., 0].numel() * tensor.shape[1] < SPLIT_POINTS):
         return 1
     return max(1, min(k, pts.shape[1] // 2))
 

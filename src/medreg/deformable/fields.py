@@ -18,6 +18,7 @@ import torch
 from medreg.core.axes import channels_to_vectors, vectors_to_channels
 from medreg.core.grid import Grid
 from medreg.core.sampling import affine_norm_grid, sample, world_to_norm
+from medreg.deformable.filters import central_difference
 from medreg.errors import MedregError
 
 
@@ -140,10 +141,8 @@ class InversionResult:
     iterations: int
 
 
-def _lengths(field: torch.Tensor) -> torch.Tensor:
-    """``(1, dim, *S)`` vectors -> ``(1, *S)`` lengths (``Tensor.norm(dim=1)`` is ~20x slower
-    on the CPU for channel-first fields)."""
-    return field.square().sum(1).sqrt_()
+#: A voxel whose inversion residual is below this fraction of ``tol`` stops iterating.
+RETIRE_FRACTION = 0.1
 
 
 def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
@@ -167,52 +166,76 @@ def invert_displacement(disp: torch.Tensor, grid: Grid, *, iterations: int = 50,
     one (smallest) voxel long, which converge wherever ``phi`` is unfolded; points ``y + w``
     beyond the border voxel centres keep the plain step, since the border-clamped ``u`` makes
     the interpolated ``J`` wrong there. A voxel whose residual (above ``tol``) grew goes back to
-    its last point and halves its step (doubled again, up to one, after a success).
+    its last point and halves its step (doubled again, up to one, after a success). Each
+    voxel's residual depends on its own ``w`` only, so a voxel stops iterating once its
+    residual is below ``RETIRE_FRACTION * tol``; later iterations sample the others only.
     """
     check_field(disp, grid, "displacement")
-    ident = identity_norm(grid, disp.dtype, disp.device)
+    d = grid.ndim
     with torch.no_grad():
-        cap = float(min(grid.spacing))
-        w = -disp.clone()
-        damp = torch.ones_like(disp[:, :1])  # per-voxel step factor of the backtracking
-        it, res, prev, jinv = 0, None, None, None
+        ident = identity_norm(grid, disp.dtype, disp.device).reshape(-1, d)  # (P, dim)
+        nfw = torch.as_tensor(grid.norm_from_world[:d, :d], dtype=disp.dtype,
+                              device=disp.device).T
+        w = (-disp).reshape(d, -1).T.contiguous()  # (P, dim) vectors, updated per voxel
+        res_all = torch.zeros(w.shape[0], dtype=disp.dtype, device=disp.device)
+        idx = torch.arange(w.shape[0], device=disp.device)  # the voxels still iterating
+        wa, damp = w.clone(), torch.ones_like(w[:, 0])
+        it, prev, jinv, cap = 0, None, None, float(min(grid.spacing))
         for it in range(1, iterations + 1):  # noqa: B007 - the count is reported
-            points = ident + norm_offsets(w, grid)  # (1, *S, dim) normalized, x first
-            r = sample(disp, points, mode="linear", padding="border").add_(w)
-            res = _lengths(r)[:, None]
-            worse = None if prev is None else (res > prev[2]) & (res > tol)
-            if worse is not None and bool(worse.any()):  # undo the steps that did not help
-                if jinv is None and bool((worse & ~_outside(points)).any()):
-                    jinv = _inverse_jacobians(disp, grid)  # the plain step fails: Newton now
-                damp = torch.where(worse, damp * 0.5, (damp * 2).clamp_(max=1.0))
-                w, r, res = (torch.where(worse, a, b) for a, b in zip(prev, (w, r, res),
-                                                                      strict=True))
-                points = ident + norm_offsets(w, grid)
-            elif worse is not None and jinv is not None:
-                damp = (damp * 2).clamp_(max=1.0)
-            if float(res.max()) < tol:
-                break
-            prev = (w, r, res)
+            points = ident[idx] + wa @ nfw
+            r = _sample_points(disp, points).add_(wa)
+            res = r.square().sum(1).sqrt_()
+            if prev is not None:
+                worse = (res > prev[2]) & (res > tol)
+                if bool(worse.any()):  # undo the steps that did not help
+                    if jinv is None and bool((worse & ~_outside(points)).any()):
+                        jinv = _inverse_jacobians(disp, grid)  # the plain step fails: Newton
+                    damp = torch.where(worse, damp * 0.5, (damp * 2).clamp_(max=1.0))
+                    back = worse[:, None]
+                    wa, r = torch.where(back, prev[0], wa), torch.where(back, prev[1], r)
+                    res = torch.where(worse, prev[2], res)
+                    points = ident[idx] + wa @ nfw
+                elif jinv is not None:
+                    damp = (damp * 2).clamp_(max=1.0)
+            done = float(res.max()) < tol
+            keep = None if done else res >= RETIRE_FRACTION * tol
+            if done or not bool(keep.all()):  # retire converged voxels
+                out = ~keep if keep is not None else slice(None)
+                w[idx[out]], res_all[idx[out]] = wa[out], res[out]
+                if done:
+                    break
+                idx, wa, r, res, points, damp = (x[keep] for x in (idx, wa, r, res, points, damp))
+            prev = (wa, r, res)
             step = r if jinv is None else _newton_step(jinv, points, r, cap)
-            w = w - step * damp
+            wa = wa - step * damp[:, None]
         else:
-            res = _lengths(w + warp_field(disp, grid, w, ident))
-    return InversionResult(w, float(res.max()), float(res.mean()), it)
+            r = _sample_points(disp, ident[idx] + wa @ nfw).add_(wa)
+            w[idx], res_all[idx] = wa, r.square().sum(1).sqrt_()
+        field = w.T.reshape(1, d, *grid.shape).contiguous()
+    return InversionResult(field, float(res_all.max()), float(res_all.mean()), it)
+
+
+def _sample_points(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``(1, C, *S)`` field at normalized ``points`` ``(P, dim)`` -> ``(P, C)`` (linear,
+    border repeated)."""
+    return sample(field, points[None], mode="linear", padding="border")[0].T
 
 
 def _newton_step(jinv: torch.Tensor, points: torch.Tensor, r: torch.Tensor, cap: float
                  ) -> torch.Tensor:
-    """``J^-1 r`` ``(1, dim, *S)`` at normalized ``points`` ``(1, *S, dim)``, at most ``cap``
-    mm long; the plain step ``r`` at points beyond the border voxel centres."""
-    step = _apply_matrices(sample(jinv, points, mode="linear", padding="border"), r)
-    step.mul_((cap / _lengths(step).clamp_(min=cap))[:, None])
-    return torch.where(_outside(points), r, step)
+    """``J^-1 r`` ``(P, dim)`` at normalized ``points`` ``(P, dim)``, at most ``cap`` mm long;
+    the plain step ``r`` at points beyond the border voxel centres."""
+    d = r.shape[1]
+    mats = _sample_points(jinv, points).reshape(-1, d, d)  # row-major J^-1 per point
+    step = torch.bmm(mats, r[:, :, None])[:, :, 0]
+    step.mul_((cap / step.square().sum(1).sqrt_().clamp_(min=cap))[:, None])
+    return torch.where(_outside(points)[:, None], r, step)
 
 
 def _outside(points: torch.Tensor) -> torch.Tensor:
-    """``(1, 1, *S)`` True where normalized ``points`` ``(1, *S, dim)`` lie beyond the border
-    voxel centres (``identity_norm`` puts those at +-1)."""
-    return (points.abs() > 1 + 1e-5).any(-1)[:, None]
+    """``(P,)`` True where normalized ``points`` ``(P, dim)`` lie beyond the border voxel
+    centres (``identity_norm`` puts those at +-1)."""
+    return (points.abs() > 1 + 1e-5).any(-1)
 
 
 def _inverse_jacobians(disp: torch.Tensor, grid: Grid, min_det: float = 1e-2) -> torch.Tensor:
@@ -224,15 +247,6 @@ def _inverse_jacobians(disp: torch.Tensor, grid: Grid, min_det: float = 1e-2) ->
     bad = torch.linalg.det(jac) < min_det
     jinv = torch.linalg.inv(torch.where(bad[..., None, None], eye, jac))
     return jinv.reshape(*jinv.shape[:d], d * d).movedim(-1, 0)[None].contiguous()
-
-
-def _apply_matrices(mats: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """``(1, dim*dim, *S)`` row-major matrices times ``(1, dim, *S)`` vectors, per voxel."""
-    d = vec.shape[1]
-    out = mats[:, 0::d] * vec[:, :1]
-    for j in range(1, d):
-        out.addcmul_(mats[:, j::d], vec[:, j:j + 1])
-    return out
 
 
 def jacobian_matrix(disp: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -254,7 +268,7 @@ def jacobian_matrix(disp: torch.Tensor, grid: Grid) -> torch.Tensor:
     for a in range(d):  # derivative along index axis a (coordinate order)
         tax = 1 + d - 1 - a  # tensor axis of coordinate a inside (dim, *S)
         if u.shape[tax] > 1:
-            grads.append(torch.gradient(u, spacing=sp[a], dim=tax, edge_order=1)[0])
+            grads.append(central_difference(u, tax, sp[a]))
         else:
             grads.append(torch.zeros_like(u))
     g = torch.stack(grads, dim=-1)  # (dim, *S, a)

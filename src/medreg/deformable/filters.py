@@ -77,6 +77,65 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Te
     return x
 
 
+def central_difference(x: torch.Tensor, dim: int, spacing: float) -> torch.Tensor:
+    """Derivative of ``x`` along tensor axis ``dim`` with sample ``spacing``: central
+    differences inside, one-sided at both ends (``torch.gradient(..., edge_order=1)``).
+
+    Without autograd it writes into one output buffer, about ten times faster on the CPU than
+    ``torch.gradient``; with autograd it is ``torch.gradient``. ``x`` needs 2 or more samples
+    along ``dim``. Returns a tensor shaped like ``x``.
+    """
+    n = x.shape[dim]
+    if x.requires_grad:
+        return torch.gradient(x, spacing=float(spacing), dim=dim, edge_order=1)[0]
+    if n < 2:
+        raise MedregError(f"a derivative needs 2 or more samples along axis {dim}, got {n}")
+    out = torch.empty_like(x)
+    inner = out.narrow(dim, 1, n - 2)
+    torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=inner).mul_(0.5 / spacing)
+    for i, (hi, lo) in ((0, (1, 0)), (n - 1, (n - 1, n - 2))):
+        end = out.narrow(dim, i, 1)
+        torch.sub(x.narrow(dim, hi, 1), x.narrow(dim, lo, 1), out=end).mul_(1.0 / spacing)
+    return out
+
+
+def upsample_double(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+    """Linear interpolation of ``(N, C, *S)`` onto twice as many voxels along spatial ``axes``.
+
+    The new voxel centres sit a quarter of an old voxel either side of each old centre, as in
+    ``F.interpolate(..., align_corners=False)`` with an exact factor of 2 (weights 3/4 and 1/4,
+    the border voxel repeated), which this matches to rounding; separable in-place passes are
+    about twice as fast on the CPU. No autograd: for tensors that need no gradient.
+
+    Args:
+        x: ``(N, C, *S)``.
+        axes: tensor spatial axes (0 = first spatial axis) to double, each at most once.
+
+    Returns:
+        ``(N, C, *S')`` with ``S'[a] = 2 S[a]`` on ``axes``.
+    """
+    for axis in sorted(axes, reverse=True):  # the contiguous axis first, while x is smallest
+        x = _double_axis(x, 2 + axis)
+    return x
+
+
+def _double_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+    n = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = 2 * n
+    out = x.new_empty(shape)
+    pairs = out.unflatten(dim, (n, 2))
+    even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
+    last = n - 1  # even[i] = lerp(x[i], x[i-1], 1/4), odd[i] = lerp(x[i], x[i+1], 1/4)
+    torch.lerp(x.narrow(dim, 1, last), x.narrow(dim, 0, last), 0.25,
+               out=even.narrow(dim, 1, last))
+    torch.lerp(x.narrow(dim, 0, last), x.narrow(dim, 1, last), 0.25,
+               out=odd.narrow(dim, 0, last))
+    even.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))  # the border voxel repeated
+    odd.narrow(dim, last, 1).copy_(x.narrow(dim, last, 1))
+    return out
+
+
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Local mean over a ``window``^dim box: separable running sums (cumulative sums).
 

@@ -59,7 +59,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # issue-3-session4.md).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "syn": {"intersubject": dict(levels=(4.0, 2.0, 1.0), iterations=(60, 30, 12), window=(9, 7, 5),
-                                 step=(0.25, 0.25, 0.5), grad_sigma=(3.0, 2.0, 1.5))},
+                                 step=(0.25, 0.25, 0.5), grad_sigma=(3.0, 2.0, 1.25))},
 }
 _TUPLES = {"levels": float, "iterations": int}
 _PER_LEVEL = {"window": int, "step": float, "grad_sigma": float, "field_sigma": float}  # syn
