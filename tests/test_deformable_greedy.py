@@ -9,7 +9,14 @@ from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.deformable import greedy
 from medreg.deformable.fields import jacobian_determinant, sample_field
-from medreg.deformable.greedy import GreedySchedule, GreedySyN, syn_mappings, world_gradient
+from medreg.deformable.greedy import (
+    GreedySchedule,
+    GreedySyN,
+    _Resizer,
+    area_average,
+    syn_mappings,
+    world_gradient,
+)
 from medreg.deformable.optimize import SolverOptions
 from medreg.deformable.stages import PRESETS as STAGE_PRESETS
 from medreg.deformable.synthetic import random_velocity
@@ -197,3 +204,18 @@ def test_syn_preset_with_other_levels_says_what_to_give(slice_case):
                        options=dict(preset="intersubject", levels="2,1"))
     with pytest.raises(MedregError, match="preset 'intersubject' sets window for 3 levels"):
         resolve(STAGES, "syn", "stage")(ctx, None)
+
+
+def test_resizer_pools_whole_blocks_like_area_averaging():
+    """An exact 2x field grid takes ``avg_pool`` down and the separable doubling up; both
+    agree with the general area average and trilinear interpolation."""
+    grid = Grid((12, 10, 8), (1.5, 1.0, 2.0), (3.0, -2.0, 1.0))
+    field_grid = grid.downsample(2)
+    rs = _Resizer(field_grid, grid)
+    assert rs.kernel == (2, 2, 2) and rs.up.doubled == [0, 1, 2]
+    x = torch.randn(1, 3, *grid.shape, dtype=torch.float64)
+    assert torch.allclose(rs.down(x), area_average(x, field_grid.shape), atol=1e-12)
+    v = torch.randn(1, 3, *field_grid.shape, dtype=torch.float64)
+    ref = torch.nn.functional.interpolate(v, size=grid.shape, mode="trilinear",
+                                          align_corners=False)
+    assert torch.allclose(rs.up(v), ref, atol=1e-12)

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 from medreg.core.axes import vectors_to_channels
 from medreg.core.grid import Grid
-from medreg.deformable.filters import box_mean, gaussian_smooth
+from medreg.deformable.filters import (
+    box_mean,
+    central_difference,
+    gaussian_smooth,
+    upsample_double,
+)
 from medreg.deformable.metrics import (
     get_deformable_metric,
     lncc,
@@ -202,3 +207,25 @@ def test_lncc_force_in_slabs_equals_one_pass(shape, window):
         torch.testing.assert_close(slabs[1], whole[1], rtol=0, atol=0)
         torch.testing.assert_close(slabs[2], whole[2], rtol=0, atol=0)
         torch.testing.assert_close(slabs[0], whole[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 11), (2, 5, 3), (6, 4)])
+def test_central_difference_matches_torch_gradient(shape):
+    x = torch.randn(1, 1, *shape, dtype=torch.float64)
+    for axis in range(len(shape)):
+        fast = central_difference(x, 2 + axis, 1.7)
+        ref = torch.gradient(x, spacing=1.7, dim=2 + axis, edge_order=1)[0]
+        assert torch.allclose(fast, ref, atol=1e-12)
+    xg = x.clone().requires_grad_(True)  # with autograd it is torch.gradient itself
+    central_difference(xg, 2, 1.0).sum().backward()
+    assert xg.grad is not None
+    with pytest.raises(MedregError, match="2 or more samples"):
+        central_difference(torch.zeros(1, 1, 1, 4), 2, 1.0)
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (1,), (0, 2)])
+def test_upsample_double_matches_trilinear_interpolate(axes):
+    x = torch.randn(1, 3, 5, 1, 4, dtype=torch.float64)
+    size = [n * (2 if a in axes else 1) for a, n in enumerate(x.shape[2:])]
+    ref = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    assert torch.allclose(upsample_double(x, axes), ref, atol=1e-12)
