@@ -212,7 +212,7 @@ def test_resizer_pools_whole_blocks_like_area_averaging():
     grid = Grid((12, 10, 8), (1.5, 1.0, 2.0), (3.0, -2.0, 1.0))
     field_grid = grid.downsample(2)
     rs = _Resizer(field_grid, grid)
-    assert rs.kernel == (2, 2, 2) and rs.up.doubled == [0, 1, 2]
+    assert rs.kernel == (2, 2, 2)
     x = torch.randn(1, 3, *grid.shape, dtype=torch.float64)
     assert torch.allclose(rs.down(x), area_average(x, field_grid.shape), atol=1e-12)
     v = torch.randn(1, 3, *field_grid.shape, dtype=torch.float64)

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from medreg.core.axes import vectors_to_channels
 from medreg.core.grid import Grid
 from medreg.deformable.filters import (
+    block_mean,
     box_mean,
     central_difference,
     gaussian_smooth,
-    upsample_double,
+    resize_linear,
 )
 from medreg.deformable.metrics import (
     get_deformable_metric,
@@ -223,9 +224,17 @@ def test_central_difference_matches_torch_gradient(shape):
         central_difference(torch.zeros(1, 1, 1, 4), 2, 1.0)
 
 
-@pytest.mark.parametrize("axes", [(0, 1, 2), (1,), (0, 2)])
-def test_upsample_double_matches_trilinear_interpolate(axes):
+@pytest.mark.parametrize("size", [(10, 2, 8), (5, 2, 4), (10, 1, 4), (9, 3, 7), (3, 1, 2)])
+def test_resize_linear_matches_trilinear_interpolate(size):
+    """Exact doubling, other factors up and down, and unchanged axes."""
     x = torch.randn(1, 3, 5, 1, 4, dtype=torch.float64)
-    size = [n * (2 if a in axes else 1) for a, n in enumerate(x.shape[2:])]
     ref = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
-    assert torch.allclose(upsample_double(x, axes), ref, atol=1e-12)
+    assert torch.allclose(resize_linear(x, size), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [(2, 2, 2), (1, 2, 3), (3, 1, 1)])
+def test_block_mean_matches_avg_pool(kernel):
+    x = torch.randn(1, 2, 6, 4, 6, dtype=torch.float64)
+    assert torch.allclose(block_mean(x, kernel), F.avg_pool3d(x, kernel), atol=1e-12)
+    with pytest.raises(MedregError, match="not a multiple"):
+        block_mean(x, (4, 1, 1))

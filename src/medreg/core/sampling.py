@@ -44,7 +44,7 @@ def sample(tensor: torch.Tensor, norm_points: torch.Tensor, *, mode: str = "line
 
 #: Points times channels per 3D sample call above which the CPU work is split over the
 #: intra-op threads.
-SPLIT_POINTS = 200_000
+SPLIT_POINTS = 50_000
 
 
 def _slab_count(tensor: torch.Tensor, pts: torch.Tensor) -> int:

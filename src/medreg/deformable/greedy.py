@@ -34,7 +34,7 @@ from medreg.deformable.fields import (
     invert_displacement,
     resample_field,
 )
-from medreg.deformable.filters import central_difference, gaussian_smooth
+from medreg.deformable.filters import block_mean, central_difference, gaussian_smooth
 from medreg.deformable.memory import release_free_heap
 from medreg.deformable.metrics import lncc_force
 from medreg.deformable.optimize import (
@@ -97,9 +97,8 @@ class _Resizer:
         """``(1, C, *S_image)`` -> ``(1, C, *S_field)`` by area averaging (resampling otherwise)."""
         if self.same:
             return x
-        if self.kernel is not None:  # whole blocks: avg_pool is twice as fast as adaptive
-            pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
-            return pool(x, self.kernel)
+        if self.kernel is not None:  # whole blocks: several times faster than adaptive pooling
+            return block_mean(x, self.kernel)
         if self.aligned:
             return area_average(x, self.field_grid.shape)
         return resample_field(x, self.grid, self.field_grid)

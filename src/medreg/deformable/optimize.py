@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from medreg.core.axes import channels_to_vectors
 from medreg.core.grid import Grid
 from medreg.core.sampling import sample, world_to_norm
-from medreg.deformable.filters import gaussian_smooth, upsample_double
+from medreg.deformable.filters import gaussian_smooth, resize_linear
 from medreg.deformable.pyramid import Level
 from medreg.deformable.transforms import DisplacementField, dense_from_transform
 from medreg.errors import MedregError
@@ -203,16 +203,13 @@ class Upsampler:
         self.shape = grid.shape
         self.norm = None if self.same or self.aligned else world_to_norm(
             grid.world_points(torch.float32), field_grid)[None]
-        ratio = [n / m for n, m in zip(grid.shape, field_grid.shape, strict=True)]
-        self.doubled = [a for a, r in enumerate(ratio) if r == 2] if self.aligned and all(
-            r in (1, 2) for r in ratio) else None  # exact factors: the fast separable path
 
     def __call__(self, field_: torch.Tensor) -> torch.Tensor:
         """``(1, C, *S_field)`` -> ``(1, C, *S_image)``."""
         if self.same:
             return field_
-        if self.doubled is not None and not field_.requires_grad:
-            return upsample_double(field_, self.doubled)
+        if self.aligned and not field_.requires_grad:  # separable passes, no graph
+            return resize_linear(field_, self.shape)
         if self.aligned:
             mode = "trilinear" if len(self.shape) == 3 else "bilinear"
             return F.interpolate(field_, size=self.shape, mode=mode, align_corners=False)
