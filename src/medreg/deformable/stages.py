@@ -58,8 +58,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # subject; the smooth known warp of the benchmark prefers the defaults (docs/notes,
 # issue-3-session4.md).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "syn": {"intersubject": dict(levels=(4.0, 2.0, 1.0), iterations=(60, 30, 12), window=(9, 7, 5),
-                                 step=(0.25, 0.25, 0.5), grad_sigma=(3.0, 2.0, 1.25))},
+    "syn": {"intersubject": dict(levels=(4.0, 2.0, 1.0), iterations=(60, 20, 12), window=(9, 7, 5),
+                                 step=(0.25, 0.25, 0.5), grad_sigma=(3.0, 1.5, 1.25))},
 }
 _TUPLES = {"levels": float, "iterations": int}
 _PER_LEVEL = {"window": int, "step": float, "grad_sigma": float, "field_sigma": float}  # syn
