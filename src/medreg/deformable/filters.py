@@ -131,8 +131,9 @@ def resize_linear(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     to rounding (voxel centres at ``(i + 1/2) n / m - 1/2``, the border voxel repeated), one
     axis at a time: an exact factor of 2 by two ``lerp`` passes into strided halves of the
     output, other factors by two gathers along the axis and one ``lerp``; both are several
-    times faster on the CPU than ATen's interpolation kernel. No autograd: for tensors that
-    need no gradient.
+    times faster on the CPU than ATen's interpolation kernel. Channels are resized one at a
+    time into the output, so the intermediate passes add at most half a channel of memory.
+    No autograd: for tensors that need no gradient.
 
     Args:
         x: ``(N, C, *S)``.
@@ -141,16 +142,25 @@ def resize_linear(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     Returns:
         ``(N, C, *shape)``.
     """
+    shape = tuple(int(m) for m in shape)
     axes = [a for a, (n, m) in enumerate(zip(x.shape[2:], shape, strict=True)) if n != m]
+    if not axes:
+        return x.clone()
     # shrinking axes first, then growing ones, the contiguous (last) axis first among equals
     axes.sort(key=lambda a: (shape[a] / x.shape[2 + a], -a))
-    for a in axes:
-        n, m = x.shape[2 + a], int(shape[a])
-        x = _double_axis(x, 2 + a) if m == 2 * n else _resize_axis(x, 2 + a, m)
-    return x
+    out = x.new_empty(*x.shape[:2], *shape)
+    for c in range(x.shape[1]):
+        y = x[:, c:c + 1]
+        for k, a in enumerate(axes):
+            target = out[:, c:c + 1] if k == len(axes) - 1 else None
+            n, m = y.shape[2 + a], shape[a]
+            y = (_double_axis(y, 2 + a, target) if m == 2 * n else
+                 _resize_axis(y, 2 + a, m, target))
+    return out
 
 
-def _resize_axis(x: torch.Tensor, dim: int, m: int) -> torch.Tensor:
+def _resize_axis(x: torch.Tensor, dim: int, m: int, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     n = x.shape[dim]
     src = ((torch.arange(m, dtype=torch.float64) + 0.5) * (n / m) - 0.5).clamp_(min=0.0)
     lo = src.floor().long().clamp_(max=n - 1)
@@ -158,14 +168,18 @@ def _resize_axis(x: torch.Tensor, dim: int, m: int) -> torch.Tensor:
     view = [1] * x.ndim
     view[dim] = m
     w = (src - lo).to(x.dtype).reshape(view).to(x.device)
-    return torch.lerp(x.index_select(dim, lo.to(x.device)), x.index_select(dim, hi.to(x.device)), w)
+    lo, hi = lo.to(x.device), hi.to(x.device)
+    if out is None:
+        return torch.lerp(x.index_select(dim, lo), x.index_select(dim, hi), w)
+    return torch.lerp(x.index_select(dim, lo), x.index_select(dim, hi), w, out=out)
 
 
-def _double_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+def _double_axis(x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
     n = x.shape[dim]
-    shape = list(x.shape)
-    shape[dim] = 2 * n
-    out = x.new_empty(shape)
+    if out is None:
+        shape = list(x.shape)
+        shape[dim] = 2 * n
+        out = x.new_empty(shape)
     pairs = out.unflatten(dim, (n, 2))
     even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
     last = n - 1  # even[i] = lerp(x[i], x[i-1], 1/4), odd[i] = lerp(x[i], x[i+1], 1/4)

@@ -343,8 +343,10 @@ def syn_mappings(u_f: torch.Tensor, u_m: torch.Tensor, field_grid: Grid, grid: G
         ident = identity_norm(field_grid)
         forward = compose_displacements(inv_f.displacement, u_m, field_grid, ident)
         backward = compose_displacements(inv_m.displacement, u_f, field_grid, ident)
+        release_free_heap()  # the inversions' many shrinking temporaries
         up = Upsampler(field_grid, grid)  # the composed fields are as smooth as their parts
         forward, backward = up(forward), up(backward)
+    release_free_heap()  # and the resizing passes': the caller's next buffers start afresh
     report = {f"{name}_{key}": float(getattr(res, attr))
               for name, res in (("inverse_a", inv_f), ("inverse_b", inv_m))
               for key, attr in (("residual_max_mm", "residual_max"),
