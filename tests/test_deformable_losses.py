@@ -9,12 +9,11 @@ import torch.nn.functional as F
 
 from medreg.core.axes import vectors_to_channels
 from medreg.core.grid import Grid
+from medreg.core.resize import block_mean, resize_linear
 from medreg.deformable.filters import (
-    block_mean,
     box_mean,
     central_difference,
     gaussian_smooth,
-    resize_linear,
 )
 from medreg.deformable.metrics import (
     get_deformable_metric,

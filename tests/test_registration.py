@@ -215,3 +215,15 @@ def test_linear_schedule_plans_levels():
     assert fixed.level_plan(2, 10**6, False) == ("lbfgs", 100_000, False)
     with pytest.raises(MedregError, match="stochastic"):
         LinearOptions.from_options({"stochastic": "sometimes"})
+
+
+def test_check_finite_counts_bad_voxels_and_accepts_huge_finite_ones():
+    """Opposite infinities cancel to NaN in the sum and are still caught; finite values whose
+    sum overflows are still accepted."""
+    img = blob_image(oblique_grid((6, 5, 4)))
+    bad = img.with_tensor(img.tensor.clone())
+    bad.tensor.view(-1)[:2] = torch.tensor([float("inf"), float("-inf")])
+    with pytest.raises(ValueError, match="2 NaN/Inf voxels"):
+        bad.check_finite("moving")
+    huge = img.with_tensor(torch.full_like(img.tensor, 3e38))
+    assert huge.check_finite() is huge

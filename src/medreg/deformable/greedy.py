@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from medreg.core.axes import channels_to_vectors
 from medreg.core.grid import Grid
+from medreg.core.resize import block_mean
 from medreg.core.sampling import affine_norm_ramps, sample, theta_between
 from medreg.deformable.fields import (
     compose_displacements,
@@ -34,7 +35,7 @@ from medreg.deformable.fields import (
     invert_displacement,
     resample_field,
 )
-from medreg.deformable.filters import block_mean, central_difference, gaussian_smooth
+from medreg.deformable.filters import central_difference, gaussian_smooth
 from medreg.deformable.memory import release_free_heap
 from medreg.deformable.metrics import lncc_force
 from medreg.deformable.optimize import (

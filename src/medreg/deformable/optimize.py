@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from medreg.core.axes import channels_to_vectors
 from medreg.core.grid import Grid
+from medreg.core.resize import resize_linear
 from medreg.core.sampling import sample, world_to_norm
-from medreg.deformable.filters import gaussian_smooth, resize_linear
+from medreg.deformable.filters import gaussian_smooth
 from medreg.deformable.pyramid import Level
 from medreg.deformable.transforms import DisplacementField, dense_from_transform
 from medreg.errors import MedregError

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from medreg.core.axes import tensor_order
 from medreg.core.image import Image
+from medreg.core.resize import resize_linear
 from medreg.engine.pyramid import gaussian_smooth
 from medreg.resample import resample
 from medreg.transforms.base import Transform
@@ -94,8 +95,7 @@ def _float(image: Image) -> torch.Tensor:
 
 
 def _upsample(coarse: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    mode = "trilinear" if len(shape) == 3 else "bilinear"
-    return F.interpolate(coarse, size=list(shape), mode=mode, align_corners=False)
+    return resize_linear(coarse, shape)  # F.interpolate(align_corners=False), several x faster
 
 
 def aligned_correlation(fixed: Image, moving: Image, transform: Transform,
