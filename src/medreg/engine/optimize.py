@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medreg.errors import MedregError
 
@@ -123,7 +122,7 @@ def _run_scipy_lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Ten
         return float(loss.detach()), grad
 
     result = OptimizationResult()
-    bar = tqdm(total=cfg.max_iter, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(cfg.max_iter, desc, progress)
 
     def on_iter(intermediate_result) -> None:
         loss = float(intermediate_result.fun)
@@ -180,7 +179,7 @@ def run_optimizer(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Te
     stepper = _Stepper(params, config)
     result = OptimizationResult()
     best = [p.detach().clone() for p in params]
-    bar = tqdm(total=config.max_iter, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(config.max_iter, desc, progress)
     try:
         for it in range(config.max_iter):
             loss = _loss_and_grad(params, loss_fn)
@@ -217,9 +216,34 @@ def _loss_and_grad(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tenso
     return loss
 
 
+class _NoBar:
+    """What :func:`progress_bar` returns when it is off: every call does nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A ``tqdm.auto`` bar, or a no-op stand-in when ``enabled`` is false. ``tqdm.auto`` is
+    imported only here: its notebook detection takes about 0.15 s, which a registration
+    without a progress bar should not pay."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
 def _report(bar, callback, it: int, loss: float) -> None:
     bar.update(1)
-    bar.set_postfix(loss=f"{loss:.5g}")
+    if not isinstance(bar, _NoBar):  # formatting the loss costs a little each iteration
+        bar.set_postfix(loss=f"{loss:.5g}")
     if callback is not None:
         callback(it, loss)
 
@@ -232,7 +256,7 @@ def _run_averaged(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor
     result = OptimizationResult()
     start = int(round(cfg.max_iter * (1.0 - cfg.average)))
     total = [torch.zeros_like(p) for p in params]
-    bar = tqdm(total=cfg.max_iter, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(cfg.max_iter, desc, progress)
     try:
         for it in range(cfg.max_iter):
             if it == start:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import medreg.registration.linear  # noqa: F401  the default stages load with the API, not in a call
 from medreg.core.image import Image
 from medreg.errors import MedregError
 from medreg.io.images import read_image
