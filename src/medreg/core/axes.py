@@ -13,6 +13,7 @@ channel permutations in this module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -69,8 +70,10 @@ def xyz_to_tensor_order(points: torch.Tensor) -> torch.Tensor:
 def index_from_flat(flat: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``(n,)`` flat indices into a contiguous ``(..., H, W)`` tensor -> ``(n, dim)`` integer
     indices in coordinate order ``(x, y[, z])`` (x varies fastest in memory)."""
-    out, rest = [], flat
+    # int32 division is about twice as fast as int64 on the CPU; exact below 2**31 voxels
+    out, rest = [], flat.int() if math.prod(size) < 2**31 else flat
     for n in size:
-        out.append(rest % n)
-        rest = rest // n
-    return torch.stack(out, dim=-1)
+        q = torch.div(rest, n, rounding_mode="floor")
+        out.append(rest - q * n)
+        rest = q
+    return torch.stack(out, dim=-1).to(flat.dtype)

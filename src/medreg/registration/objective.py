@@ -19,7 +19,7 @@ from medreg.core.sampling import (
 )
 from medreg.errors import MedregError
 from medreg.metrics import Metric
-from medreg.registration.interp import PointInterpolator, WarpedValues, interp_linear
+from medreg.registration.interp import PointInterpolator, WarpedValues
 from medreg.resample import resample
 from medreg.transforms.base import Transform
 from medreg.transforms.linear import LinearTransform
@@ -128,7 +128,11 @@ class LevelObjective:
             # the grid-alignment bias of MI with interpolated samples (elastix RandomCoordinate)
             index = index + (torch.rand(index.shape, generator=self.generator)
                              .to(index) - 0.5)
-            values = interp_linear(self.fvals, index, with_grad=False)[0]
+            nfi = torch.as_tensor(self.fixed.grid.norm_from_index, dtype=index.dtype,
+                                  device=index.device)
+            norm = torch.addmm(nfi[:-1, -1:], nfi[:-1, :-1], index).T  # (B*n, dim)
+            # grid_sample's border clamp is interp_linear's, at a fraction of the cost here
+            values = sample(self.fvals[None], norm[None], padding="border")[0]
         else:
             values = self.fvals.reshape(self.fvals.shape[0], -1)[:, idx]
         w = torch.as_tensor(self.fixed.grid.world_from_index, dtype=index.dtype,
