@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from medreg.core.axes import vectors_to_channels
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.deformable import greedy
@@ -18,6 +20,7 @@ from medreg.deformable.greedy import (
     world_gradient,
 )
 from medreg.deformable.optimize import SolverOptions
+from medreg.deformable.pyramid import doubled_grid, doubling_factors
 from medreg.deformable.stages import PRESETS as STAGE_PRESETS
 from medreg.deformable.synthetic import random_velocity
 from medreg.errors import MedregError
@@ -207,15 +210,34 @@ def test_syn_preset_with_other_levels_says_what_to_give(slice_case):
 
 
 def test_resizer_pools_whole_blocks_like_area_averaging():
-    """An exact 2x field grid takes ``avg_pool`` down and the separable doubling up; both
+    """An exact 2x field grid takes block sums down and the separable doubling up; both
     agree with the general area average and trilinear interpolation."""
     grid = Grid((12, 10, 8), (1.5, 1.0, 2.0), (3.0, -2.0, 1.0))
     field_grid = grid.downsample(2)
     rs = _Resizer(field_grid, grid)
-    assert rs.kernel == (2, 2, 2)
+    assert rs.factors == (2, 2, 2)
     x = torch.randn(1, 3, *grid.shape, dtype=torch.float64)
     assert torch.allclose(rs.down(x), area_average(x, field_grid.shape), atol=1e-12)
     v = torch.randn(1, 3, *field_grid.shape, dtype=torch.float64)
     ref = torch.nn.functional.interpolate(v, size=grid.shape, mode="trilinear",
                                           align_corners=False)
     assert torch.allclose(rs.up(v), ref, atol=1e-12)
+
+
+def test_doubled_grid_of_odd_sizes_moves_fields_by_whole_blocks():
+    """Odd sizes: the doubled grid reaches one voxel beyond; up- and down-sampling through it
+    agree with world-space interpolation and with block means (the last block one voxel)."""
+    grid = oblique_grid((7, 6, 5))
+    fg = doubled_grid(grid)
+    assert fg.size == (4, 3, 3) and np.allclose(fg.spacing, 2 * np.asarray(grid.spacing))
+    assert doubling_factors(fg, grid) == (2, 2, 2) and doubling_factors(grid.downsample(2),
+                                                                       grid) is None
+    assert doubled_grid(grid.downsample(1)).is_close(fg)
+    rs = _Resizer(fg, grid)
+    v = torch.randn(1, 3, *fg.shape, dtype=torch.float64)
+    world = vectors_to_channels(sample_field(v, fg, grid.world_points(torch.float64))[None])
+    assert torch.allclose(rs.up(v), world, atol=1e-9)  # linear in world mm, border repeated
+    x = torch.randn(1, 1, *grid.shape, dtype=torch.float64)
+    down = rs.down(x)
+    assert torch.allclose(down[0, 0, 0, 0, 0], x[0, 0, :2, :2, :2].mean())
+    assert torch.allclose(down[0, 0, -1, -1, -1], x[0, 0, -1:, -2:, -1:].mean())  # 5, 6, 7

@@ -90,16 +90,23 @@ class _Resizer:
         self.field_grid, self.grid = field_grid, grid
         self.same = self.up.same
         self.aligned = same_extent(field_grid, grid)
-        ratio = [n // m if n % m == 0 else 0 for n, m in zip(grid.shape, field_grid.shape,
-                                                             strict=True)]
-        self.kernel = tuple(ratio) if self.aligned and all(ratio) else None
+        self.factors = self.up.factors  # field grid = doubled image grid (whole blocks)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
-        """``(1, C, *S_image)`` -> ``(1, C, *S_field)`` by area averaging (resampling otherwise)."""
+        """``(1, C, *S_image)`` -> ``(1, C, *S_field)`` by area averaging (resampling otherwise).
+
+        On a doubled grid, the last block of an odd axis holds one image voxel: the voxel is
+        repeated once, so the block's mean is that voxel's value.
+        """
         if self.same:
             return x
-        if self.kernel is not None:  # whole blocks: several times faster than adaptive pooling
-            return block_mean(x, self.kernel)
+        if self.factors is not None:  # whole blocks: several times faster than adaptive pooling
+            pad = []
+            for n, f in zip(reversed(x.shape[2:]), reversed(self.factors), strict=True):
+                pad += [0, (-n) % f]
+            if any(pad):
+                x = F.pad(x, pad, mode="replicate")
+            return block_mean(x, self.factors)
         if self.aligned:
             return area_average(x, self.field_grid.shape)
         return resample_field(x, self.grid, self.field_grid)

@@ -24,7 +24,7 @@ from medreg.core.grid import Grid
 from medreg.core.resize import resize_linear
 from medreg.core.sampling import sample, world_to_norm
 from medreg.deformable.filters import gaussian_smooth
-from medreg.deformable.pyramid import Level
+from medreg.deformable.pyramid import Level, doubling_factors
 from medreg.deformable.transforms import DisplacementField, dense_from_transform
 from medreg.errors import MedregError
 from medreg.transforms.base import Transform
@@ -192,29 +192,54 @@ def same_extent(a: Grid, b: Grid, tol: float = 1e-4) -> bool:
 class Upsampler:
     """Interpolate fields from a level's field grid onto its image grid.
 
-    Convention: when both grids cover the same extent (one is a ``downsample`` of the other)
-    this is ``F.interpolate(..., align_corners=False)``, which is exactly linear interpolation in
-    world space with border repeat, and much cheaper to differentiate than ``grid_sample``;
+    Convention: linear interpolation in world space with the border repeated. When the field
+    grid is the image grid's :func:`~medreg.deformable.pyramid.doubled_grid` this is an exact
+    doubling (separable ``lerp`` passes; ``F.interpolate`` when a gradient is needed) cropped to
+    the image; when both grids cover the same extent, ``F.interpolate(..., align_corners=False)``;
     otherwise the world points are sampled.
     """
 
     def __init__(self, field_grid: Grid, grid: Grid) -> None:
         self.same = field_grid.is_close(grid)
+        self.factors = None if self.same else doubling_factors(field_grid, grid)
         self.aligned = same_extent(field_grid, grid)
         self.shape = grid.shape
-        self.norm = None if self.same or self.aligned else world_to_norm(
+        self.norm = None if self.same or self.aligned or self.factors else world_to_norm(
             grid.world_points(torch.float32), field_grid)[None]
 
     def __call__(self, field_: torch.Tensor) -> torch.Tensor:
         """``(1, C, *S_field)`` -> ``(1, C, *S_image)``."""
         if self.same:
             return field_
+        if self.factors is not None:
+            return self._doubled(field_)
         if self.aligned and not field_.requires_grad:  # separable passes, no graph
             return resize_linear(field_, self.shape)
         if self.aligned:
             mode = "trilinear" if len(self.shape) == 3 else "bilinear"
             return F.interpolate(field_, size=self.shape, mode=mode, align_corners=False)
         return sample(field_, self.norm, padding="border")
+
+    def _doubled(self, field_: torch.Tensor) -> torch.Tensor:
+        full = [m * f for m, f in zip(field_.shape[2:], self.factors, strict=True)]
+        if field_.requires_grad:
+            mode = "trilinear" if len(full) == 3 else "bilinear"
+            return _crop(F.interpolate(field_, size=full, mode=mode, align_corners=False),
+                         self.shape)
+        if list(self.shape) == full:
+            return resize_linear(field_, full)
+        # odd sizes: one channel at a time, so only one padded channel exists besides the output
+        out = field_.new_empty(*field_.shape[:2], *self.shape)
+        for c in range(field_.shape[1]):
+            out[:, c:c + 1].copy_(_crop(resize_linear(field_[:, c:c + 1], full), self.shape))
+        return out
+
+
+def _crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The leading ``shape`` voxels of ``(N, C, *S)`` (a view)."""
+    for a, n in enumerate(shape):
+        x = x.narrow(2 + a, 0, n)
+    return x
 
 
 class MovingWarper:

@@ -40,6 +40,41 @@ def smooth_downsample(image: Image, factor: float, grid: Grid | None = None) -> 
     return resample(smoothed, grid or image.grid.downsample(factor), interpolation="linear")
 
 
+def doubled_grid(grid: Grid) -> Grid:
+    """The grid of 2x2(x2) blocks of ``grid``'s voxels, for fields twice as coarse.
+
+    Spacing doubled and ``ceil(n / 2)`` voxels along each axis of two or more voxels (others
+    kept): block ``k`` covers voxels ``2k`` and ``2k + 1``, so for an odd size the last block
+    reaches one voxel beyond the grid. ``Grid.downsample(2)`` gives the same grid for even
+    sizes; for odd ones it stretches the spacing instead, after which neither averaging down
+    nor interpolating up works on whole blocks.
+    """
+    factors = np.array([2 if n > 1 else 1 for n in grid.size])
+    size = -(-np.asarray(grid.size) // factors)
+    spacing = np.asarray(grid.spacing) * factors
+    origin = np.asarray(grid.origin) + grid.direction_matrix @ ((spacing - grid.spacing) / 2)
+    return Grid(size, spacing, origin, grid.direction)
+
+
+def doubling_factors(field_grid: Grid, grid: Grid, tol: float = 1e-5) -> tuple[int, ...] | None:
+    """Per-axis factors (tensor order) when ``field_grid`` is :func:`doubled_grid` of ``grid``
+    or ``grid`` itself along each axis (factor 1), else ``None``."""
+    if not np.allclose(field_grid.direction, grid.direction, atol=1e-6):
+        return None
+    out = []
+    for n, m, s, t in zip(grid.size, field_grid.size, grid.spacing, field_grid.spacing,
+                          strict=True):
+        f = int(round(t / s))
+        if f not in (1, 2) or abs(t - f * s) > tol * s or m != -(-n // f):
+            return None
+        out.append(f)
+    shift = grid.direction_matrix @ ((np.asarray(field_grid.spacing) - grid.spacing) / 2)
+    if not np.allclose(np.asarray(grid.origin) + shift, field_grid.origin,
+                       atol=tol * min(grid.spacing)):
+        return None
+    return tuple(out[::-1])
+
+
 @dataclass
 class Level:
     """Images of one pyramid level.
@@ -76,7 +111,9 @@ def build_levels(fixed: Image, moving: Image, factors: tuple[float, ...], *,
         field_factor: fields live on the fixed grid downsampled by ``max(f, field_factor)``
             (a coarser velocity grid is smooth anyway and integrates several times faster),
             or by ``f * field_factor`` with ``relative_fields`` (every level's fields
-            ``field_factor`` times coarser than its images).
+            ``field_factor`` times coarser than its images; for a factor of 2 the
+            :func:`doubled_grid` of the level grid, so fields move between the grids by whole
+            blocks).
     """
     if not factors or any(f < 1 for f in factors):
         raise MedregError(f"pyramid factors must be >= 1, got {list(factors)}")
@@ -96,5 +133,7 @@ def build_levels(fixed: Image, moving: Image, factors: tuple[float, ...], *,
         if moving_mask is not None:
             mm = resample(moving_mask.float(), mv.grid, interpolation="linear").tensor[None]
         ff = f * field_factor if relative_fields else max(f, field_factor)
-        levels.append(Level(float(f), fx, mv, mk, fixed.grid.downsample(ff), mm))
+        fg = doubled_grid(fx.grid) if relative_fields and field_factor == 2 else \
+            fixed.grid.downsample(ff)
+        levels.append(Level(float(f), fx, mv, mk, fg, mm))
     return levels
