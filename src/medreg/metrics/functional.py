@@ -209,16 +209,20 @@ class _FusedParzen(torch.autograd.Function):
         mw, dmw = _cubic_weights(pos - base)
         # bins base-1 .. base+2 of the moving window (base is clamped so all are valid): each
         # (point, fixed bin) adds a row of 4 weights at flat bin ``first``; rows are added
-        # whole, then the 4 columns are shifted into place (fewer, contiguous writes)
+        # whole, then each flat bin sums its 4 overlapping rows (fewer, contiguous writes)
         first = ((fi * bins) + (base.long() - 1)[:, None]).reshape(-1)  # (n * k,)
         total = wt.sum()
+        if not float(total) > 0:
+            raise MedregError("the mask (or the overlap of the images) is empty: no voxel to "
+                              "compare")
         nb = n_regions * bins * bins
-        rows = torch.zeros(nb, 4, dtype=m.dtype, device=m.device)
-        rows.index_add_(0, first, (fw[:, :, None] * mw[:, None, :]).reshape(-1, 4))
-        joint = torch.zeros(nb + 3, dtype=m.dtype, device=m.device)
-        for k in range(4):
-            joint[k:k + nb] += rows[:, k]
-        joint = (joint[:nb] / total).reshape(n_regions, bins, bins)
+        # rows live in a buffer with 3 zero rows either side; the flat bin j gathers
+        # rows[j - k, k] (k = 0..3), i.e. buffer element 4 j + 3 k' + 3 with k' = 3 - k: one
+        # strided view summed along k', instead of four shifted additions
+        padded = torch.zeros(nb + 6, 4, dtype=m.dtype, device=m.device)
+        padded[3:3 + nb].index_add_(0, first, (fw[:, :, None] * mw[:, None, :]).reshape(-1, 4))
+        joint = padded.as_strided((nb, 4), (4, 3), padded.storage_offset() + 3).sum(1)
+        joint = (joint / total).reshape(n_regions, bins, bins)
         # entropies from the logs the gradient needs anyway (as _entropies, fewer operations);
         # with regions R: H(F,R), H(M,R), H(F,M,R); I(F;M|R) = H(F,R) + H(M,R) - H(F,M,R) - H(R)
         logp = joint.clamp_min(_EPS).log()
@@ -289,14 +293,16 @@ def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalize
         h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
                                                     moving_range, fixed_window))
         return (-((h_f + h_m) / h_fm) if normalized else -(h_f + h_m - h_fm)).mean()
-    w, _ = _weights(fixed, mask)
+    if mask is not None and mask.shape[2:] != fixed.shape[2:]:
+        raise MedregError(f"mask shape {tuple(mask.shape)} does not match image "
+                          f"{tuple(fixed.shape)}")
     f = fixed[0, 0].reshape(-1)
     m = warped[0, 0].reshape(-1)
+    wt = torch.ones_like(m) if mask is None else mask[0, 0].reshape(-1).to(m.dtype)
     fr = fixed_range or (float(f.min()), float(f.max()))
     mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
     ids, n_regions = regions if regions is not None else (None, 1)
-    return _FusedParzen.apply(m, f, w[0, 0].reshape(-1).to(m.dtype), bins, fr, mr, normalized,
-                              fixed_window, ids, n_regions)
+    return _FusedParzen.apply(m, f, wt, bins, fr, mr, normalized, fixed_window, ids, n_regions)
 
 
 def mi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
