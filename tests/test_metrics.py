@@ -167,3 +167,23 @@ def test_conditional_mi_needs_the_fused_path():
     f, m, ids = _regional_pair(100)
     with pytest.raises(MedregError, match="conditional"):
         Fm.mi(f.requires_grad_(True), m, bins=12, regions=(ids, 2))
+
+
+@pytest.mark.parametrize("window", ["box", "bspline"])
+def test_precomputed_fixed_rows_give_the_same_loss_and_gradient(window):
+    """``fixed_rows`` from :func:`parzen_fixed_rows` only skip work: same loss and gradient,
+    with and without regions; a gradient on the fixed image cannot use them."""
+    f, m, ids = _regional_pair(400)
+    opts = dict(bins=16, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0), fixed_window=window)
+    for regions in (None, (ids, 2)):
+        rows = Fm.parzen_fixed_rows(f.reshape(-1), 16, (0.0, 1.0), window,
+                                    None if regions is None else regions[0])
+        a, b = m.clone().requires_grad_(True), m.clone().requires_grad_(True)
+        plain = Fm.mi(f, a, **opts, regions=regions)
+        fast = Fm.mi(f, b, **opts, regions=regions, fixed_rows=rows)
+        plain.backward()
+        fast.backward()
+        torch.testing.assert_close(fast, plain)
+        torch.testing.assert_close(b.grad, a.grad)
+    with pytest.raises(MedregError, match="precomputed fixed rows"):
+        Fm.mi(f.clone().requires_grad_(True), m, **opts, fixed_rows=rows)

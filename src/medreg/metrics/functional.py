@@ -195,12 +195,11 @@ class _FusedParzen(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, m, f, wt, bins, fr, mr, normalized, fixed_window,  # noqa: D102
-                regions=None, n_regions=1):
+                regions=None, n_regions=1, fixed_rows=None):
         pad = 2
-        fi, fw = _fixed_window(fixed_window)(f[None], bins, *fr)
-        fi, fw = fi[0], fw[0] * wt[:, None]  # (n, k): fixed bins and weights, k = 1 or 4
-        if regions is not None:  # (region, fixed bin) pairs index the rows
-            fi = fi + (regions * bins)[:, None]
+        rows0, fw = fixed_rows if fixed_rows is not None else \
+            parzen_fixed_rows(f, bins, fr, fixed_window, regions)
+        fw = fw * wt[:, None]  # (n, k): fixed-window weights times the point weights
         scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
         pos = m.clamp(*mr)
         dpos = (pos == m).to(m.dtype).mul_(scale)  # d pos / d m: 0 where clamped
@@ -210,7 +209,7 @@ class _FusedParzen(torch.autograd.Function):
         # bins base-1 .. base+2 of the moving window (base is clamped so all are valid): each
         # (point, fixed bin) adds a row of 4 weights at flat bin ``first``; rows are added
         # whole, then each flat bin sums its 4 overlapping rows (fewer, contiguous writes)
-        first = ((fi * bins) + (base.long() - 1)[:, None]).reshape(-1)  # (n * k,)
+        first = (rows0 + (base.long() - 1)[:, None]).reshape(-1)  # (n * k,)
         total = wt.sum()
         if not float(total) > 0:
             raise MedregError("the mask (or the overlap of the images) is empty: no voxel to "
@@ -252,7 +251,28 @@ class _FusedParzen(torch.autograd.Function):
         windows = padded.as_strided((grad_p.numel(), 4), (1, 1))
         g = windows.index_select(0, first).reshape(fw.shape[0], fw.shape[1], 4)
         gm = ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
-        return grad_out * gm, None, None, None, None, None, None, None, None, None
+        return grad_out * gm, None, None, None, None, None, None, None, None, None, None
+
+
+#: Histogram bins and fixed-image Parzen window of :func:`mi` and :func:`nmi` by default.
+MI_BINS, FIXED_WINDOW = 32, "box"
+
+
+def parzen_fixed_rows(fixed: torch.Tensor, bins: int, fixed_range: tuple[float, float],
+                      fixed_window: str = FIXED_WINDOW, regions: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed side of the fused joint histogram of ``(P,)`` fixed values.
+
+    Returns ``(rows, weights)``, both ``(P, k)`` (``k`` = 1 for the box window, 4 for the cubic
+    one): the flat index ``(region * bins + fixed bin) * bins`` of each point's histogram rows
+    and the fixed window's weights. They depend on the fixed values alone, so a caller that
+    reuses a point set (the linear stage's pooled batches) computes them once per set and
+    passes them to :func:`mi` / :func:`nmi` as ``fixed_rows``, with the same ``bins``,
+    ``fixed_range``, ``fixed_window`` and region ids.
+    """
+    fi, fw = _fixed_window(fixed_window)(fixed[None], bins, *fixed_range)
+    fi = fi[0] if regions is None else fi[0] + (regions * bins)[:, None]
+    return fi * bins, fw[0]
 
 
 #: Cubic B-spline weights of bins ``base-1 .. base+2`` as polynomials in ``t``: row k holds
@@ -281,14 +301,14 @@ def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized,
-                 fixed_window, regions=None):
+                 fixed_window, regions=None, fixed_rows=None):
     if bins < 8:
         raise MedregError(f"mutual information needs at least 8 bins, got {bins}")
     fused = (fixed.shape[0] == 1 and not fixed.requires_grad
              and (mask is None or not mask.requires_grad))
-    if regions is not None and not fused:
-        raise MedregError("regional (conditional) MI needs one image pair without gradients "
-                          "on the fixed image or mask")
+    if (regions is not None or fixed_rows is not None) and not fused:
+        raise MedregError("regional (conditional) MI and precomputed fixed rows need one image "
+                          "pair without gradients on the fixed image or mask")
     if not fused:
         h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
                                                     moving_range, fixed_window))
@@ -302,29 +322,33 @@ def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalize
     fr = fixed_range or (float(f.min()), float(f.max()))
     mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
     ids, n_regions = regions if regions is not None else (None, 1)
-    return _FusedParzen.apply(m, f, wt, bins, fr, mr, normalized, fixed_window, ids, n_regions)
+    return _FusedParzen.apply(m, f, wt, bins, fr, mr, normalized, fixed_window, ids, n_regions,
+                              fixed_rows)
 
 
 def mi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
-       bins: int = 32, fixed_range=None, moving_range=None,
-       fixed_window: str = "box",
-       regions: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+       bins: int = MI_BINS, fixed_range=None, moving_range=None,
+       fixed_window: str = FIXED_WINDOW,
+       regions: tuple[torch.Tensor, int] | None = None,
+       fixed_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``-MI`` (nats), Mattes' Parzen estimate (box window on fixed, cubic B-spline on moving).
 
     ``regions = (ids, R)``: ``ids`` ``(P,)`` int64 in ``[0, R)``, a spatial region per point
     (fused path only); the loss is then ``-I(F; M | region)``, conditional MI (Loeckx et al.
     2010), whose joint histograms are per region, so a spatially varying intensity relation
-    (bias field) does not blur them.
+    (bias field) does not blur them. ``fixed_rows``: :func:`parzen_fixed_rows` of these fixed
+    values (fused path only), to skip recomputing them.
     """
     return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, False,
-                        fixed_window, regions)
+                        fixed_window, regions, fixed_rows)
 
 
 def nmi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
-        bins: int = 32, fixed_range=None, moving_range=None,
-        fixed_window: str = "box",
-        regions: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        bins: int = MI_BINS, fixed_range=None, moving_range=None,
+        fixed_window: str = FIXED_WINDOW,
+        regions: tuple[torch.Tensor, int] | None = None,
+        fixed_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``-NMI`` with ``NMI = (H(F) + H(M)) / H(F, M)`` in [1, 2] (Studholme); with ``regions``
     (see :func:`mi`) the entropies are conditional on the region."""
     return _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, True,
-                        fixed_window, regions)
+                        fixed_window, regions, fixed_rows)

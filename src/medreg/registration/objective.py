@@ -19,6 +19,7 @@ from medreg.core.sampling import (
 )
 from medreg.errors import MedregError
 from medreg.metrics import Metric
+from medreg.metrics.functional import FIXED_WINDOW, MI_BINS, parzen_fixed_rows
 from medreg.registration.interp import PointInterpolator, WarpedValues
 from medreg.resample import resample
 from medreg.transforms.base import Transform
@@ -96,6 +97,9 @@ class LevelObjective:
         if metric.is_histogram:
             self.ranges = dict(fixed_range=self._range(self.fixed.tensor, fmask),
                                moving_range=self._range(self.moving.tensor, self.moving_mask))
+        # the fixed side of a fused MI histogram, per point batch (it depends on those alone)
+        self._fixed_rows: dict | None = \
+            {} if metric.is_histogram and self.fvals.shape[0] == 1 else None
 
     @staticmethod
     def _range(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, float]:
@@ -187,7 +191,21 @@ class LevelObjective:
             # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
             return warped.sum() * 0.0 + NO_OVERLAP_LOSS
         extra = {"regions": (self.regions, self.n_regions)} if self.n_regions > 1 else {}
+        if self._fixed_rows is not None:
+            extra["fixed_rows"] = self._batch_fixed_rows()
         return self.metric(self.values[None], warped, weight, **self.ranges, **extra)
+
+    def _batch_fixed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~medreg.metrics.functional.parzen_fixed_rows` of the current points, computed
+        on a batch's first use."""
+        key = self._next if self.stochastic else -1
+        if key not in self._fixed_rows:
+            opts = self.metric.options
+            self._fixed_rows[key] = parzen_fixed_rows(
+                self.values.reshape(-1), int(opts.get("bins", MI_BINS)),
+                self.ranges["fixed_range"], opts.get("fixed_window", FIXED_WINDOW),
+                self.regions if self.n_regions > 1 else None)
+        return self._fixed_rows[key]
 
     def _warp_linear(self, transform: LinearTransform) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast path: ``(1, C, *P)`` moving values and ``(1, 1, *P)`` overlap weights, with
