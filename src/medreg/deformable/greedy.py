@@ -44,7 +44,6 @@ from medreg.deformable.optimize import (
     SolverOptions,
     Upsampler,
     converged,
-    same_extent,
 )
 from medreg.deformable.pyramid import Level
 from medreg.engine.threads import threads_for
@@ -89,7 +88,7 @@ class _Resizer:
         self.up = Upsampler(field_grid, grid)
         self.field_grid, self.grid = field_grid, grid
         self.same = self.up.same
-        self.aligned = same_extent(field_grid, grid)
+        self.aligned = self.up.aligned
         self.factors = self.up.factors  # field grid = doubled image grid (whole blocks)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:

@@ -216,16 +216,13 @@ class Upsampler:
         if self.aligned and not field_.requires_grad:  # separable passes, no graph
             return resize_linear(field_, self.shape)
         if self.aligned:
-            mode = "trilinear" if len(self.shape) == 3 else "bilinear"
-            return F.interpolate(field_, size=self.shape, mode=mode, align_corners=False)
+            return _interpolate(field_, self.shape)
         return sample(field_, self.norm, padding="border")
 
     def _doubled(self, field_: torch.Tensor) -> torch.Tensor:
         full = [m * f for m, f in zip(field_.shape[2:], self.factors, strict=True)]
         if field_.requires_grad:
-            mode = "trilinear" if len(full) == 3 else "bilinear"
-            return _crop(F.interpolate(field_, size=full, mode=mode, align_corners=False),
-                         self.shape)
+            return _crop(_interpolate(field_, full), self.shape)
         if list(self.shape) == full:
             return resize_linear(field_, full)
         # odd sizes: one channel at a time, so only one padded channel exists besides the output
@@ -233,6 +230,12 @@ class Upsampler:
         for c in range(field_.shape[1]):
             out[:, c:c + 1].copy_(_crop(resize_linear(field_[:, c:c + 1], full), self.shape))
         return out
+
+
+def _interpolate(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Differentiable linear resize of ``(N, C, *S)`` to ``shape`` (same extent)."""
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    return F.interpolate(x, size=list(shape), mode=mode, align_corners=False)
 
 
 def _crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
