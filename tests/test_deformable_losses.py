@@ -223,9 +223,11 @@ def test_central_difference_matches_torch_gradient(shape):
         central_difference(torch.zeros(1, 1, 1, 4), 2, 1.0)
 
 
-@pytest.mark.parametrize("size", [(10, 2, 8), (5, 2, 4), (10, 1, 4), (9, 3, 7), (3, 1, 2)])
+@pytest.mark.parametrize("size", [(10, 2, 8), (5, 2, 4), (10, 1, 4), (9, 3, 7), (3, 1, 2),
+                                  (15, 3, 12), (5, 4, 20), (20, 1, 8)])
 def test_resize_linear_matches_trilinear_interpolate(size):
-    """Exact doubling, other factors up and down, and unchanged axes."""
+    """Whole factors (2, 3, 4, 5; odd ones have a phase on the sample itself), other factors
+    up and down, and unchanged axes."""
     x = torch.randn(1, 3, 5, 1, 4, dtype=torch.float64)
     ref = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
     assert torch.allclose(resize_linear(x, size), ref, atol=1e-12)

@@ -48,11 +48,11 @@ def resize_linear(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
     The result equals ``F.interpolate(x, shape, mode="(bi|tri)linear", align_corners=False)``
     (voxel centres at ``(i + 1/2) n / m - 1/2``, the border voxel repeated). Where every axis
-    keeps its size or exactly doubles, it is computed by two ``lerp`` passes per doubled axis
-    into strided halves of the output, several times faster on the CPU than ATen's kernel;
-    channels go one at a time into the output, so the intermediate passes add at most half a
-    channel of memory. Other factors use ``F.interpolate`` itself. No autograd: for tensors
-    that need no gradient.
+    keeps its size or grows by a whole factor ``k``, it is computed by ``k`` ``lerp`` passes
+    per enlarged axis into strided slices of the output, several times faster on the CPU than
+    ATen's kernel; channels go one at a time into the output, so the intermediate passes add
+    at most one channel's worth of memory. Other sizes use ``F.interpolate`` itself. No
+    autograd: for tensors that need no gradient.
 
     Args:
         x: ``(N, C, *S)``.
@@ -63,33 +63,47 @@ def resize_linear(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """
     shape = tuple(int(m) for m in shape)
     sizes = list(zip(x.shape[2:], shape, strict=True))
-    if any(m not in (n, 2 * n) for n, m in sizes):
+    if any(m % n for n, m in sizes):
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
         return F.interpolate(x, size=shape, mode=mode, align_corners=False)
-    axes = [a for a, (n, m) in enumerate(sizes) if m == 2 * n][::-1]  # contiguous axis first
+    axes = [a for a, (n, m) in enumerate(sizes) if m > n][::-1]  # contiguous axis first
     if not axes:
         return x.clone()
     out = x.new_empty(*x.shape[:2], *shape)
     for c in range(x.shape[1]):
         y = x[:, c:c + 1]
-        for k, a in enumerate(axes):
-            y = _double_axis(y, 2 + a, out[:, c:c + 1] if k == len(axes) - 1 else None)
+        for j, a in enumerate(axes):
+            n, m = sizes[a]
+            y = _enlarge_axis(y, 2 + a, m // n, out[:, c:c + 1] if j == len(axes) - 1 else None)
     return out
 
 
-def _double_axis(x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _enlarge_axis(x: torch.Tensor, dim: int, k: int, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``x`` linearly interpolated onto ``k`` times as many samples along ``dim``.
+
+    Output sample ``j k + r`` lies at input position ``j + t`` with ``t = (r + 1/2) / k - 1/2``
+    in (-1/2, 1/2): a ``lerp`` of ``x[j]`` towards ``x[j - 1]`` or ``x[j + 1]`` by ``|t|``, the
+    border sample repeated past the ends. One pass per ``r`` into a strided slice of ``out``.
+    """
     n = x.shape[dim]
     if out is None:
         shape = list(x.shape)
-        shape[dim] = 2 * n
+        shape[dim] = k * n
         out = x.new_empty(shape)
-    pairs = out.unflatten(dim, (n, 2))
-    even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
-    last = n - 1  # even[i] = lerp(x[i], x[i-1], 1/4), odd[i] = lerp(x[i], x[i+1], 1/4)
-    torch.lerp(x.narrow(dim, 1, last), x.narrow(dim, 0, last), 0.25,
-               out=even.narrow(dim, 1, last))
-    torch.lerp(x.narrow(dim, 0, last), x.narrow(dim, 1, last), 0.25,
-               out=odd.narrow(dim, 0, last))
-    even.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))  # the border voxel repeated
-    odd.narrow(dim, last, 1).copy_(x.narrow(dim, last, 1))
+    phases = out.unflatten(dim, (n, k))
+    last = n - 1
+    for r in range(k):
+        t = (r + 0.5) / k - 0.5
+        dst = phases.select(dim + 1, r)
+        if t < 0:  # towards the previous sample; the first one repeats
+            torch.lerp(x.narrow(dim, 1, last), x.narrow(dim, 0, last), -t,
+                       out=dst.narrow(dim, 1, last))
+            dst.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))
+        elif t > 0:  # towards the next sample; the last one repeats
+            torch.lerp(x.narrow(dim, 0, last), x.narrow(dim, 1, last), t,
+                       out=dst.narrow(dim, 0, last))
+            dst.narrow(dim, last, 1).copy_(x.narrow(dim, last, 1))
+        else:  # odd k: the middle phase is the sample itself
+            dst.copy_(x)
     return out

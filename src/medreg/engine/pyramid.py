@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from medreg.core.axes import tensor_order
 from medreg.core.grid import Grid
 from medreg.core.image import Image
+from medreg.core.resize import block_mean
 from medreg.resample import resample
 
 
@@ -126,5 +127,4 @@ def _pool_level(image: Image, grid: Grid, sigma_mm: float) -> Image | None:
     if k < 2 or any(n != c * k for n, c in zip(image.grid.size, grid.size, strict=True)):
         return None
     data = image.tensor if image.tensor.is_floating_point() else image.tensor.float()
-    pool = F.avg_pool3d if image.ndim == 3 else F.avg_pool2d
-    return smooth_image(Image(pool(data[None], k)[0], grid), sigma_mm)
+    return smooth_image(Image(block_mean(data[None], (k,) * image.ndim)[0], grid), sigma_mm)

@@ -185,72 +185,87 @@ def _entropies(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return h_f, h_m, h_fm
 
 
-class _FusedParzen(torch.autograd.Function):
-    """``-MI`` or ``-NMI`` of one image pair with a hand-written backward (moving side only).
+def _parzen_forward(m, f, wt, bins, fr, mr, normalized, fixed_window, regions=None,
+                    n_regions=1, fixed_rows=None) -> tuple[torch.Tensor, tuple]:
+    """``-MI`` or ``-NMI`` of ``(n,)`` moving values ``m`` against fixed values ``f`` with point
+    weights ``wt``, and what :func:`_parzen_grad` needs for ``dL/dm``.
 
-    Same estimate as :func:`joint_histogram` + :func:`_entropies`; the backward gathers
-    ``dL/dp`` at the 16 bin pairs of each point instead of replaying the autograd graph, which
-    makes the whole metric several times faster for linear registration.
+    Same estimate as :func:`joint_histogram` + :func:`_entropies`, in fewer operations; the
+    gradient gathers ``dL/dp`` at the 16 bin pairs of each point instead of replaying an
+    autograd graph, which makes the metric several times faster for linear registration.
     """
+    pad = 2
+    rows0, fw = fixed_rows if fixed_rows is not None else \
+        parzen_fixed_rows(f, bins, fr, fixed_window, regions)
+    fw = fw * wt[:, None]  # (n, k): fixed-window weights times the point weights
+    scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
+    pos = m.clamp(*mr)
+    dpos = (pos == m).to(m.dtype).mul_(scale)  # d pos / d m: 0 where clamped
+    pos = pos.mul_(scale).add_(pad - mr[0] * scale)
+    base = torch.floor(pos).clamp_(pad, bins - 1 - pad)
+    mw, dmw = _cubic_weights(pos - base)
+    # bins base-1 .. base+2 of the moving window (base is clamped so all are valid): each
+    # (point, fixed bin) adds a row of 4 weights at flat bin ``first``; rows are added
+    # whole, then each flat bin sums its 4 overlapping rows (fewer, contiguous writes)
+    first = (rows0 + (base.long() - 1)[:, None]).reshape(-1)  # (n * k,)
+    total = wt.sum()
+    if not float(total) > 0:
+        raise MedregError("the mask (or the overlap of the images) is empty: no voxel to "
+                          "compare")
+    nb = n_regions * bins * bins
+    # rows live in a buffer with 3 zero rows either side; the flat bin j gathers
+    # rows[j - k, k] (k = 0..3), i.e. buffer element 4 j + 3 k' + 3 with k' = 3 - k: one
+    # strided view summed along k', instead of four shifted additions
+    padded = torch.zeros(nb + 6, 4, dtype=m.dtype, device=m.device)
+    padded[3:3 + nb].index_add_(0, first, (fw[:, :, None] * mw[:, None, :]).reshape(-1, 4))
+    joint = padded.as_strided((nb, 4), (4, 3), padded.storage_offset() + 3).sum(1)
+    joint = (joint / total).reshape(n_regions, bins, bins)
+    # entropies from the logs the gradient needs anyway (as _entropies, fewer operations);
+    # with regions R: H(F,R), H(M,R), H(F,M,R); I(F;M|R) = H(F,R) + H(M,R) - H(F,M,R) - H(R)
+    logp = joint.clamp_min(_EPS).log()
+    pf, pm = joint.sum(2).clamp_min(_EPS), joint.sum(1).clamp_min(_EPS)
+    logpm = pm.log()
+    h_fm = -(joint * logp).sum()
+    h_f = -(pf * pf.log()).sum()
+    h_m = -(pm * logpm).sum()
+    if n_regions > 1:
+        pr = joint.sum((1, 2)).clamp_min(_EPS)
+        h_r = -(pr * pr.log()).sum()
+        h_f, h_m, h_fm = h_f - h_r, h_m - h_r, h_fm - h_r  # conditional entropies
+    if normalized:  # d(-NMI)/dp up to constants along the moving-bin axis
+        grad_p = (h_fm * logpm[:, None, :] - (h_f + h_m) * logp) / (h_fm * h_fm)
+        loss = -(h_f + h_m) / h_fm
+    else:  # d(-MI)/dp, same convention
+        grad_p = -(logp - logpm[:, None, :])
+        loss = -(h_f + h_m - h_fm)
+    return loss, (grad_p.reshape(-1), first, fw, dmw, dpos, total)
+
+
+def _parzen_grad(saved: tuple) -> torch.Tensor:
+    """``(n,)`` ``dL/dm`` from what :func:`_parzen_forward` returned."""
+    grad_p, first, fw, dmw, dpos, total = saved
+    # dL/dp at bins first .. first+3 of each row: one gather of 4 contiguous values
+    padded = torch.cat([grad_p, grad_p.new_zeros(3)])
+    windows = padded.as_strided((grad_p.numel(), 4), (1, 1))
+    g = windows.index_select(0, first).reshape(fw.shape[0], fw.shape[1], 4)
+    return ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
+
+
+class _FusedParzen(torch.autograd.Function):
+    """``-MI`` or ``-NMI`` of one image pair with a hand-written backward (moving side only):
+    :func:`_parzen_forward` and :func:`_parzen_grad`."""
 
     @staticmethod
     def forward(ctx, m, f, wt, bins, fr, mr, normalized, fixed_window,  # noqa: D102
                 regions=None, n_regions=1, fixed_rows=None):
-        pad = 2
-        rows0, fw = fixed_rows if fixed_rows is not None else \
-            parzen_fixed_rows(f, bins, fr, fixed_window, regions)
-        fw = fw * wt[:, None]  # (n, k): fixed-window weights times the point weights
-        scale = (bins - 1 - 2 * pad) / max(mr[1] - mr[0], 1e-12)
-        pos = m.clamp(*mr)
-        dpos = (pos == m).to(m.dtype).mul_(scale)  # d pos / d m: 0 where clamped
-        pos = pos.mul_(scale).add_(pad - mr[0] * scale)
-        base = torch.floor(pos).clamp_(pad, bins - 1 - pad)
-        mw, dmw = _cubic_weights(pos - base)
-        # bins base-1 .. base+2 of the moving window (base is clamped so all are valid): each
-        # (point, fixed bin) adds a row of 4 weights at flat bin ``first``; rows are added
-        # whole, then each flat bin sums its 4 overlapping rows (fewer, contiguous writes)
-        first = (rows0 + (base.long() - 1)[:, None]).reshape(-1)  # (n * k,)
-        total = wt.sum()
-        if not float(total) > 0:
-            raise MedregError("the mask (or the overlap of the images) is empty: no voxel to "
-                              "compare")
-        nb = n_regions * bins * bins
-        # rows live in a buffer with 3 zero rows either side; the flat bin j gathers
-        # rows[j - k, k] (k = 0..3), i.e. buffer element 4 j + 3 k' + 3 with k' = 3 - k: one
-        # strided view summed along k', instead of four shifted additions
-        padded = torch.zeros(nb + 6, 4, dtype=m.dtype, device=m.device)
-        padded[3:3 + nb].index_add_(0, first, (fw[:, :, None] * mw[:, None, :]).reshape(-1, 4))
-        joint = padded.as_strided((nb, 4), (4, 3), padded.storage_offset() + 3).sum(1)
-        joint = (joint / total).reshape(n_regions, bins, bins)
-        # entropies from the logs the gradient needs anyway (as _entropies, fewer operations);
-        # with regions R: H(F,R), H(M,R), H(F,M,R); I(F;M|R) = H(F,R) + H(M,R) - H(F,M,R) - H(R)
-        logp = joint.clamp_min(_EPS).log()
-        pf, pm = joint.sum(2).clamp_min(_EPS), joint.sum(1).clamp_min(_EPS)
-        logpm = pm.log()
-        h_fm = -(joint * logp).sum()
-        h_f = -(pf * pf.log()).sum()
-        h_m = -(pm * logpm).sum()
-        if n_regions > 1:
-            pr = joint.sum((1, 2)).clamp_min(_EPS)
-            h_r = -(pr * pr.log()).sum()
-            h_f, h_m, h_fm = h_f - h_r, h_m - h_r, h_fm - h_r  # conditional entropies
-        if normalized:  # d(-NMI)/dp up to constants along the moving-bin axis
-            grad_p = (h_fm * logpm[:, None, :] - (h_f + h_m) * logp) / (h_fm * h_fm)
-            loss = -(h_f + h_m) / h_fm
-        else:  # d(-MI)/dp, same convention
-            grad_p = -(logp - logpm[:, None, :])
-            loss = -(h_f + h_m - h_fm)
-        ctx.save_for_backward(grad_p.reshape(-1), first, fw, dmw, dpos, total)
+        loss, saved = _parzen_forward(m, f, wt, bins, fr, mr, normalized, fixed_window, regions,
+                                      n_regions, fixed_rows)
+        ctx.save_for_backward(*saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        grad_p, first, fw, dmw, dpos, total = ctx.saved_tensors
-        # dL/dp at bins first .. first+3 of each row: one gather of 4 contiguous values
-        padded = torch.cat([grad_p, grad_p.new_zeros(3)])
-        windows = padded.as_strided((grad_p.numel(), 4), (1, 1))
-        g = windows.index_select(0, first).reshape(fw.shape[0], fw.shape[1], 4)
-        gm = ((fw[:, :, None] * g).sum(1) * dmw).sum(1) * dpos / total
+        gm = _parzen_grad(ctx.saved_tensors)
         return grad_out * gm, None, None, None, None, None, None, None, None, None, None
 
 
@@ -300,8 +315,9 @@ def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return powers @ c, powers[:, :3] @ d
 
 
-def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized,
-                 fixed_window, regions=None, fixed_rows=None):
+def _parzen_args(fixed, warped, mask, bins, fixed_range, moving_range, regions, fixed_rows):
+    """Checks and the fused path's arguments ``(m, f, wt, fr, mr, ids, n_regions)``, or
+    ``None`` where the pair needs the general path (a batch, or gradients on the fixed side)."""
     if bins < 8:
         raise MedregError(f"mutual information needs at least 8 bins, got {bins}")
     fused = (fixed.shape[0] == 1 and not fixed.requires_grad
@@ -310,9 +326,7 @@ def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalize
         raise MedregError("regional (conditional) MI and precomputed fixed rows need one image "
                           "pair without gradients on the fixed image or mask")
     if not fused:
-        h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
-                                                    moving_range, fixed_window))
-        return (-((h_f + h_m) / h_fm) if normalized else -(h_f + h_m - h_fm)).mean()
+        return None
     if mask is not None and mask.shape[2:] != fixed.shape[2:]:
         raise MedregError(f"mask shape {tuple(mask.shape)} does not match image "
                           f"{tuple(fixed.shape)}")
@@ -322,8 +336,64 @@ def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalize
     fr = fixed_range or (float(f.min()), float(f.max()))
     mr = moving_range or (float(m.detach().min()), float(m.detach().max()))
     ids, n_regions = regions if regions is not None else (None, 1)
+    return m, f, wt, fr, mr, ids, n_regions
+
+
+def _parzen_loss(fixed, warped, mask, bins, fixed_range, moving_range, normalized,
+                 fixed_window, regions=None, fixed_rows=None):
+    args = _parzen_args(fixed, warped, mask, bins, fixed_range, moving_range, regions,
+                        fixed_rows)
+    if args is None:
+        h_f, h_m, h_fm = _entropies(joint_histogram(fixed, warped, mask, bins, fixed_range,
+                                                    moving_range, fixed_window))
+        return (-((h_f + h_m) / h_fm) if normalized else -(h_f + h_m - h_fm)).mean()
+    m, f, wt, fr, mr, ids, n_regions = args
     return _FusedParzen.apply(m, f, wt, bins, fr, mr, normalized, fixed_window, ids, n_regions,
                               fixed_rows)
+
+
+def _parzen_value_and_grad(fixed, warped, mask, bins, fixed_range, moving_range, normalized,
+                           fixed_window, regions=None, fixed_rows=None):
+    """The fused loss and ``dL/dwarped`` (only channel 0 non-zero), no autograd graph; ``None``
+    where the pair needs the general path."""
+    args = _parzen_args(fixed, warped, mask, bins, fixed_range, moving_range, regions,
+                        fixed_rows)
+    if args is None:
+        return None
+    m, f, wt, fr, mr, ids, n_regions = args
+    with torch.no_grad():
+        loss, saved = _parzen_forward(m.detach(), f, wt, bins, fr, mr, normalized, fixed_window,
+                                      ids, n_regions, fixed_rows)
+        gm = _parzen_grad(saved)
+    if warped.shape[1] == 1:
+        return loss, gm.reshape(warped.shape)
+    grad = torch.zeros_like(warped)
+    grad[0, 0] = gm.reshape(warped.shape[2:])
+    return loss, grad
+
+
+def mi_value_and_grad(fixed: torch.Tensor, warped: torch.Tensor,
+                      mask: torch.Tensor | None = None, bins: int = MI_BINS, fixed_range=None,
+                      moving_range=None, fixed_window: str = FIXED_WINDOW,
+                      regions: tuple[torch.Tensor, int] | None = None,
+                      fixed_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(mi(...), d mi / d warped)`` in closed form, without an autograd graph, for one image
+    pair (``N = 1``) with no gradient on ``fixed`` or ``mask``; ``None`` otherwise (use
+    autograd on :func:`mi`). Same arguments as :func:`mi`."""
+    return _parzen_value_and_grad(fixed, warped, mask, bins, fixed_range, moving_range, False,
+                                  fixed_window, regions, fixed_rows)
+
+
+def nmi_value_and_grad(fixed: torch.Tensor, warped: torch.Tensor,
+                       mask: torch.Tensor | None = None, bins: int = MI_BINS, fixed_range=None,
+                       moving_range=None, fixed_window: str = FIXED_WINDOW,
+                       regions: tuple[torch.Tensor, int] | None = None,
+                       fixed_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """As :func:`mi_value_and_grad`, for :func:`nmi`."""
+    return _parzen_value_and_grad(fixed, warped, mask, bins, fixed_range, moving_range, True,
+                                  fixed_window, regions, fixed_rows)
 
 
 def mi(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,

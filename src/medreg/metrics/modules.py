@@ -29,6 +29,29 @@ class Metric(nn.Module):
                 mask: torch.Tensor | None = None, **extra) -> torch.Tensor:
         return self.fn(fixed, warped, mask, **{**self.options, **extra})
 
+    def value_and_grad(self, fixed: torch.Tensor, warped: torch.Tensor,
+                       mask: torch.Tensor | None = None, **extra
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss (detached) and its gradient with respect to ``warped`` (same shape).
+
+        In closed form where the metric has one (:data:`CLOSED_FORM_GRADIENTS`: fused MI and
+        NMI of one image pair), else by autograd through this metric alone: either way no
+        graph is left behind, so a caller that chains the gradient itself (the linear
+        objective) pays for no autograd graph of its own.
+        """
+        opts = {**self.options, **extra}
+        direct = CLOSED_FORM_GRADIENTS.get(self.name)
+        out = direct(fixed, warped, mask, **opts) if direct is not None else None
+        if out is not None:
+            return out
+        with torch.enable_grad():
+            leaf = warped.detach().requires_grad_()
+            loss = self.fn(fixed, leaf, mask, **opts)
+            if not loss.requires_grad:
+                return loss.detach(), torch.zeros_like(warped)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return loss.detach(), grad
+
     def extra_repr(self) -> str:
         return f"{self.name}, {self.options}"
 
@@ -44,6 +67,14 @@ METRICS: dict[str, tuple] = {
     "nmi": (Fm.nmi, False, True),
     "ngf": ("medreg.deformable.metrics:ngf", True, False),
     "mind": ("medreg.deformable.metrics:mind_ssc", True, False),
+}
+
+
+#: name -> ``fn(fixed, warped, mask, **options)`` returning ``(loss, d loss / d warped)`` without
+#: autograd, or ``None`` for inputs it does not cover (see :meth:`Metric.value_and_grad`).
+CLOSED_FORM_GRADIENTS: dict[str, Callable] = {
+    "mi": Fm.mi_value_and_grad,
+    "nmi": Fm.nmi_value_and_grad,
 }
 
 

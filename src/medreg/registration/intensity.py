@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from medreg.core.axes import tensor_order
 from medreg.core.image import Image
-from medreg.core.resize import resize_linear
+from medreg.core.resize import block_mean, resize_linear
 from medreg.engine.pyramid import gaussian_smooth
 from medreg.resample import resample
 from medreg.transforms.base import Transform
@@ -40,28 +40,32 @@ CORRELATION_POINTS = 30_000
 
 
 def _coarse_lowpass(data: torch.Tensor, spacing: list[float],
-                    sigma_mm: float) -> torch.Tensor:
-    """Box-average ``(C, *S)`` onto cells of about ``sigma / 2`` (``spacing`` per tensor axis,
-    mm) and blur there by ``sigma_mm``; returns ``(1, C, *S_coarse)``. The box adds a variance
-    of ``cell**2 / 12``, 2 % of ``sigma**2``."""
-    shape = data.shape[1:]
+                    sigma_mm: float) -> tuple[torch.Tensor, list[int]]:
+    """Average ``(C, *S)`` over whole blocks of about ``sigma / 2`` voxels (``spacing`` per
+    tensor axis, mm; the last block of an axis repeats its border voxel) and blur there by
+    ``sigma_mm``; returns ``(1, C, *S_coarse)`` and the block size per axis. The box adds a
+    variance of ``cell**2 / 12``, 2 % of ``sigma**2``."""
     cells = [max(1, int(sigma_mm / (2.0 * s))) for s in spacing]
-    small = [max(1, math.ceil(n / c)) for n, c in zip(shape, cells, strict=True)]
-    coarse = F.interpolate(data[None], size=small, mode="area")
-    sig = [sigma_mm * m / (s * n) for s, n, m in zip(spacing, shape, small, strict=True)]
-    return gaussian_smooth(coarse, sig)
+    pad = [-n % c for n, c in zip(data.shape[1:], cells, strict=True)]
+    x = data[None]
+    if any(pad):
+        x = F.pad(x, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
+    coarse = block_mean(x, cells)
+    sig = [sigma_mm / (s * c) for s, c in zip(spacing, cells, strict=True)]
+    return gaussian_smooth(coarse, sig), cells
 
 
 def lowpass(image: Image, sigma_mm: float) -> torch.Tensor:
     """Gaussian low-pass of ``image`` ``(C, *S)`` at ``sigma_mm``, computed on a coarse copy.
 
-    The image is area-averaged onto cells of about ``sigma / 2``, blurred there and
-    linearly interpolated back (``align_corners=False`` on both sides, so cell centres match);
-    for a blur this wide the result differs from a full-resolution blur by far less than the
-    bias it estimates, at a small fraction of the cost. Returns ``(C, *S)``.
+    The image is averaged over whole blocks of about ``sigma / 2``, blurred there and linearly
+    interpolated back by the block size (block centres are where ``align_corners=False``
+    puts them), then cropped to the image; for a blur this wide the result differs from a
+    full-resolution blur by far less than the bias it estimates, at a small fraction of the
+    cost. Returns ``(C, *S)``.
     """
-    data, coarse = _float(image), _coarse_of(image, sigma_mm)
-    return _upsample(coarse, data.shape[1:])[0]
+    data = _float(image)
+    return _upsample(*_coarse_of(image, sigma_mm), data.shape[1:])[0]
 
 
 def flatten_bias(image: Image, sigma_mm: float = BIAS_SIGMA_MM,
@@ -76,17 +80,16 @@ def flatten_bias(image: Image, sigma_mm: float = BIAS_SIGMA_MM,
     if not (sigma_mm > 0 and floor > 0):
         raise ValueError(f"bias flattening needs sigma_mm > 0 and floor > 0, got {sigma_mm}, "
                          f"{floor}")
-    data, coarse = _float(image), _coarse_of(image, sigma_mm)
+    data, (coarse, cells) = _float(image), _coarse_of(image, sigma_mm)
     flat = coarse.flatten(2)[0]
     bright = flat > flat.mean(1, keepdim=True)
     mean = (flat * bright).sum(1) / bright.sum(1).clamp_min(1)
-    low = _upsample(coarse, data.shape[1:])[0]
-    bound = floor * mean.clamp_min(1e-12).reshape((-1,) + (1,) * image.ndim)
-    torch.maximum(low, bound, out=low)
+    bound = floor * mean.clamp_min(1e-12).reshape((1, -1) + (1,) * image.ndim)
+    low = torch.maximum(_upsample(coarse, cells, data.shape[1:]), bound)[0]
     return image.with_tensor(torch.div(data, low, out=low))
 
 
-def _coarse_of(image: Image, sigma_mm: float) -> torch.Tensor:
+def _coarse_of(image: Image, sigma_mm: float) -> tuple[torch.Tensor, list[int]]:
     return _coarse_lowpass(_float(image), tensor_order(list(image.grid.spacing)), sigma_mm)
 
 
@@ -94,8 +97,11 @@ def _float(image: Image) -> torch.Tensor:
     return image.tensor if image.tensor.is_floating_point() else image.tensor.float()
 
 
-def _upsample(coarse: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return resize_linear(coarse, shape)  # F.interpolate(align_corners=False), several x faster
+def _upsample(coarse: torch.Tensor, cells: list[int], shape: torch.Size) -> torch.Tensor:
+    """``(1, C, *S_coarse)`` blocks back onto the ``shape`` voxels they were averaged from:
+    enlarged by the block size (exact whole-factor passes), the padding cropped (a view)."""
+    full = resize_linear(coarse, [n * c for n, c in zip(coarse.shape[2:], cells, strict=True)])
+    return full[(Ellipsis, *(slice(0, n) for n in shape))]
 
 
 def aligned_correlation(fixed: Image, moving: Image, transform: Transform,

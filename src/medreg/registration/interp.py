@@ -140,9 +140,19 @@ class WarpedValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_index):  # noqa: D102
         points, grad = ctx.saved_tensors  # (dim, n), (dim, C, n)
-        if grad.shape[1] == 1:
-            g = grad[:, 0] * grad_values  # (dim, n): dL / d index
-        else:
-            g = (grad * grad_values).sum(1)
-        return (g @ points.T).to(ctx.dtypes[0]), g.sum(1).to(ctx.dtypes[1]), None, None
+        g_lin, g_off = index_map_gradient(grad, grad_values, points)
+        return g_lin.to(ctx.dtypes[0]), g_off.to(ctx.dtypes[1]), None, None
+
+
+def index_map_gradient(grad: torch.Tensor, grad_values: torch.Tensor, points: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dL/dlin`` ``(dim, dim)`` and ``dL/doff`` ``(dim,)`` of values sampled at the indices
+    ``lin @ points + off``, from their index gradients ``grad`` ``(dim, C, n)`` (as
+    :meth:`PointInterpolator.linear` returns them), ``dL/dvalues`` ``(C, n)`` and the
+    ``(dim, n)`` ``points``."""
+    if grad.shape[1] == 1:
+        g = grad[:, 0] * grad_values  # (dim, n): dL / d index
+    else:
+        g = (grad * grad_values).sum(1)
+    return g @ points.T, g.sum(1)
 

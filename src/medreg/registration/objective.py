@@ -20,7 +20,7 @@ from medreg.core.sampling import (
 from medreg.errors import MedregError
 from medreg.metrics import Metric
 from medreg.metrics.functional import FIXED_WINDOW, MI_BINS, parzen_fixed_rows
-from medreg.registration.interp import PointInterpolator, WarpedValues
+from medreg.registration.interp import PointInterpolator, index_map_gradient
 from medreg.resample import resample
 from medreg.transforms.base import Transform
 from medreg.transforms.linear import LinearTransform
@@ -182,18 +182,27 @@ class LevelObjective:
         if self.stochastic:
             self._next_batch()
         if isinstance(transform, LinearTransform):
-            warped, weight = self._warp_linear(transform)
-        else:
-            warped, weight = self._warp_general(transform)
+            a, o = transform.linear_and_offset()
+            m, t = self._index_from_world
+            return _IndexMapLoss.apply(m @ a, torch.addmv(t, m, o), self)
+        warped, weight = self._warp_general(transform)
+        weight, extra = self._metric_weight(weight)
+        if weight is None:
+            # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
+            return warped.sum() * 0.0 + NO_OVERLAP_LOSS
+        return self.metric(self.values[None], warped, weight, **self.ranges, **extra)
+
+    def _metric_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """The ``(1, 1, *P)`` overlap ``weight`` times the fixed mask (``None`` where nothing
+        overlaps), and the metric's per-batch keyword arguments."""
         if self.weights is not None:
             weight = weight * self.weights[None].to(weight.dtype)
         if float(weight.sum()) == 0:
-            # no overlap: a huge but finite loss (with a zero gradient) sends line searches back
-            return warped.sum() * 0.0 + NO_OVERLAP_LOSS
+            return None, {}
         extra = {"regions": (self.regions, self.n_regions)} if self.n_regions > 1 else {}
         if self._fixed_rows is not None:
             extra["fixed_rows"] = self._batch_fixed_rows()
-        return self.metric(self.values[None], warped, weight, **self.ranges, **extra)
+        return weight, extra
 
     def _batch_fixed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~medreg.metrics.functional.parzen_fixed_rows` of the current points, computed
@@ -207,23 +216,34 @@ class LevelObjective:
                 self.regions if self.n_regions > 1 else None)
         return self._fixed_rows[key]
 
-    def _warp_linear(self, transform: LinearTransform) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast path: ``(1, C, *P)`` moving values and ``(1, 1, *P)`` overlap weights, with
-        the backward pass through :class:`WarpedValues` (no per-point autograd graph)."""
-        a, o = transform.linear_and_offset()
-        m, t = self._index_from_world
-        lin, off = m @ a, torch.addmv(t, m, o)
+    def linear_value_and_grad(self, lin: torch.Tensor, off: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss of the points mapped to moving voxel indices ``lin @ x + off`` and its gradient
+        with respect to ``lin`` ``(dim, dim)`` and ``off`` ``(dim,)``, in one pass without an
+        autograd graph: linear interpolation gives the values and their index gradients
+        together (:class:`PointInterpolator`), the metric its gradient in closed form where it
+        has one (:meth:`Metric.value_and_grad`), and the chain rule ends in two small products.
+        """
         if self._sampler is None:
             self._sampler = PointInterpolator(self.moving.tensor, self.rows.dtype)
             self._mask_sampler = (None if self.moving_mask is None else
                                   PointInterpolator(self.moving_mask.to(self.rows.dtype)))
-        values, index = WarpedValues.apply(lin, off, self.rows, self._sampler)
+        index = torch.addmm(off.to(self.rows.dtype)[:, None], lin.to(self.rows.dtype), self.rows)
+        values, grad = self._sampler.linear(index)  # (C, n), (dim, C, n)
         inside = (index >= self._index_lo) & (index <= self._index_hi)  # (dim, n)
         weight = inside.all(0).to(values.dtype)
         if self.moving_mask is not None:
             weight = weight * self._mask_sampler.nearest(index)[0]
         shape = self.points.shape[:-1]
-        return values.reshape(1, -1, *shape), weight.reshape(1, 1, *shape)
+        weight, extra = self._metric_weight(weight.reshape(1, 1, *shape))
+        if weight is None:  # no overlap: a huge but finite loss with a zero gradient
+            return (torch.tensor(NO_OVERLAP_LOSS, dtype=values.dtype), torch.zeros_like(lin),
+                    torch.zeros_like(off))
+        loss, g_values = self.metric.value_and_grad(self.values[None],
+                                                    values.reshape(1, -1, *shape), weight,
+                                                    **self.ranges, **extra)
+        g_lin, g_off = index_map_gradient(grad, g_values.reshape(values.shape), self.rows)
+        return loss, g_lin.to(lin.dtype), g_off.to(off.dtype)
 
     def _warp_general(self, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
         """Any transform, through ``grid_sample`` and autograd."""
@@ -236,3 +256,20 @@ class LevelObjective:
             mm = sample(self.moving_mask[None].to(norm.dtype), norm.detach()[None], mode="nearest")
             weight = weight * mm
         return warped, weight
+
+
+class _IndexMapLoss(torch.autograd.Function):
+    """``LevelObjective`` loss as a function of its index map ``(lin, off)``: the forward pass
+    computes the gradient too (:meth:`LevelObjective.linear_value_and_grad`), the backward
+    pass scales what it kept. Autograd then only sees the transform's few parameters."""
+
+    @staticmethod
+    def forward(ctx, lin, off, objective):  # noqa: D102
+        loss, g_lin, g_off = objective.linear_value_and_grad(lin.detach(), off.detach())
+        ctx.grads = g_lin, g_off
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        g_lin, g_off = ctx.grads
+        return grad_out * g_lin, grad_out * g_off, None
