@@ -84,8 +84,9 @@ def flatten_bias(image: Image, sigma_mm: float = BIAS_SIGMA_MM,
     flat = coarse.flatten(2)[0]
     bright = flat > flat.mean(1, keepdim=True)
     mean = (flat * bright).sum(1) / bright.sum(1).clamp_min(1)
-    bound = floor * mean.clamp_min(1e-12).reshape((1, -1) + (1,) * image.ndim)
-    low = torch.maximum(_upsample(coarse, cells, data.shape[1:]), bound)[0]
+    bound = floor * mean.clamp_min(1e-12).reshape((-1,) + (1,) * image.ndim)
+    low = _upsample(coarse, cells, data.shape[1:])[0]
+    torch.maximum(low, bound, out=low)
     return image.with_tensor(torch.div(data, low, out=low))
 
 
@@ -99,9 +100,17 @@ def _float(image: Image) -> torch.Tensor:
 
 def _upsample(coarse: torch.Tensor, cells: list[int], shape: torch.Size) -> torch.Tensor:
     """``(1, C, *S_coarse)`` blocks back onto the ``shape`` voxels they were averaged from:
-    enlarged by the block size (exact whole-factor passes), the padding cropped (a view)."""
-    full = resize_linear(coarse, [n * c for n, c in zip(coarse.shape[2:], cells, strict=True)])
-    return full[(Ellipsis, *(slice(0, n) for n in shape))]
+    enlarged by the block size one axis at a time (exact whole-factor passes), the padding
+    cropped after each. The slowest axis goes last, so its crop is a contiguous view and the
+    result costs one image-sized buffer (the smaller intermediates are copied when cropped)."""
+    out = coarse
+    for axis in reversed(range(len(cells))):  # the contiguous axis first
+        size = list(out.shape[2:])
+        size[axis] *= cells[axis]
+        out = resize_linear(out, size).narrow(2 + axis, 0, shape[axis])
+        if axis > 0:
+            out = out.contiguous()
+    return out
 
 
 def aligned_correlation(fixed: Image, moving: Image, transform: Transform,
