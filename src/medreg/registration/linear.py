@@ -245,9 +245,10 @@ def run_linear_stage(ctx: StageContext, init: Transform | None) -> StageOutput:
         plan = opts.level_plan(i, f_l.grid.numel, needs_grid)
         samples = plan[1]
         work = f_l.grid.numel if samples is None or needs_grid else samples
-        with threads_for(work * f_l.channels):
-            regions = _regions(ctx, opts, prep) if prep else 1
-            res = _solve_level(ctx, opts, transform, i, f_l, m_l, n_iter, plan, regions)
+        regions = _regions(ctx, opts, prep) if prep else 1
+        objective = _level_objective(ctx, opts, i, f_l, m_l, n_iter, plan, regions)
+        with threads_for(work * f_l.channels):  # drawing the point pool above uses them all
+            res = _solve_level(ctx, opts, transform, i, objective, n_iter, plan)
         history.extend(res.history)
         reason = res.stop_reason
         level_info.append(dict(level=i, factor=opts.levels[i], size=list(f_l.grid.size),
@@ -288,19 +289,25 @@ def _regions(ctx: StageContext, opts: LinearOptions, prep: dict) -> int:
     return int(opts.regions)
 
 
-def _solve_level(ctx: StageContext, opts: LinearOptions, transform: LinearTransform, i: int,
-                 f_l: Image, m_l: Image, n_iter: int, plan: tuple[str, int | None, bool],
-                 regions: int = 1):
-    """Optimize ``transform`` in place on pyramid level ``i``; returns the optimizer result."""
+def _level_objective(ctx: StageContext, opts: LinearOptions, i: int, f_l: Image, m_l: Image,
+                     n_iter: int, plan: tuple[str, int | None, bool],
+                     regions: int = 1) -> LevelObjective:
+    """The metric of level ``i`` as a function of the transform, its point pool drawn."""
     optimizer, samples, stochastic = plan
     metric = get_metric(ctx.metric, **_metric_options(ctx, opts, f_l))
-    objective = LevelObjective(f_l, m_l, metric, fixed_mask=ctx.fixed_mask,
-                               moving_mask=ctx.moving_mask, samples=samples,
-                               resample_every_call=stochastic,
-                               batches=min(n_iter, POOL_BATCHES),
-                               seed=ctx.seed + i,
-                               dtype=torch.float64 if optimizer == "lbfgs" else torch.float32,
-                               off_grid=opts.off_grid, regions=regions)
+    return LevelObjective(f_l, m_l, metric, fixed_mask=ctx.fixed_mask,
+                          moving_mask=ctx.moving_mask, samples=samples,
+                          resample_every_call=stochastic,
+                          batches=min(n_iter, POOL_BATCHES),
+                          seed=ctx.seed + i,
+                          dtype=torch.float64 if optimizer == "lbfgs" else torch.float32,
+                          off_grid=opts.off_grid, regions=regions)
+
+
+def _solve_level(ctx: StageContext, opts: LinearOptions, transform: LinearTransform, i: int,
+                 objective: LevelObjective, n_iter: int, plan: tuple[str, int | None, bool]):
+    """Optimize ``transform`` in place on pyramid level ``i``; returns the optimizer result."""
+    optimizer = plan[0]
     scale = 2.0 ** (len(opts.levels) - 1 - i)
     cfg = OptimizerConfig(name=optimizer, lr=opts.lr * scale, max_iter=n_iter,
                           tol=opts.tol, patience=opts.patience,
