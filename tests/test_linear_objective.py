@@ -32,3 +32,20 @@ def test_fast_path_matches_grid_sample_path(metric, samples):
     (g_slow,) = torch.autograd.grad(slow, t.params)
     torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(g_fast, g_slow, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["mi", "ncc"])
+def test_no_overlap_gives_the_finite_sentinel_and_a_zero_gradient(metric):
+    """A transform that maps every fixed point outside the moving image: the huge finite loss
+    (line searches step back from it) and no gradient, on the fast and the general path."""
+    from medreg.registration.objective import NO_OVERLAP_LOSS
+
+    grid = oblique_grid((10, 9, 8))
+    fixed, moving = blob_image(grid, seed=0), blob_image(grid, seed=1)
+    obj = LevelObjective(fixed, moving, get_metric(metric), samples=300, seed=1)
+    far = Affine(3, translation=[500.0, 0.0, 0.0], center=grid.center(), radius=20.0)
+    for t in (far, Compose(far)):
+        loss = obj(t)
+        (grad,) = torch.autograd.grad(loss, far.params)
+        assert float(loss) == pytest.approx(NO_OVERLAP_LOSS, rel=1e-6)  # float32
+        assert torch.count_nonzero(grad) == 0
