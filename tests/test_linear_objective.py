@@ -49,3 +49,16 @@ def test_no_overlap_gives_the_finite_sentinel_and_a_zero_gradient(metric):
         (grad,) = torch.autograd.grad(loss, far.params)
         assert float(loss.detach()) == pytest.approx(NO_OVERLAP_LOSS, rel=1e-6)  # float32
         assert torch.count_nonzero(grad) == 0
+
+
+def test_without_gradients_the_fast_path_gives_the_same_loss():
+    """Scoring transforms under ``no_grad`` (initialization) takes the value-only branch."""
+    grid = oblique_grid((12, 11, 10))
+    fixed, moving = blob_image(grid, seed=0), blob_image(grid, seed=1)
+    obj = LevelObjective(fixed, moving, get_metric("mi", bins=16), samples=500, seed=2)
+    t = Affine(3, translation=[1.0, -0.5, 0.25], center=grid.center(), radius=20.0)
+    with_grad = obj(t)
+    with torch.no_grad():
+        without = obj(t)
+    assert not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach())

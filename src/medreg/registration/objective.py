@@ -184,7 +184,10 @@ class LevelObjective:
         if isinstance(transform, LinearTransform):
             a, o = transform.linear_and_offset()
             m, t = self._index_from_world
-            return _IndexMapLoss.apply(m @ a, torch.addmv(t, m, o), self)
+            lin, off = m @ a, torch.addmv(t, m, o)
+            if not (lin.requires_grad or off.requires_grad):  # e.g. scoring candidates
+                return self.linear_value_and_grad(lin, off, with_grad=False)[0]
+            return _IndexMapLoss.apply(lin, off, self)
         warped, weight = self._warp_general(transform)
         weight, extra = self._metric_weight(weight)
         if weight is None:
@@ -216,20 +219,21 @@ class LevelObjective:
                 self.regions if self.n_regions > 1 else None)
         return self._fixed_rows[key]
 
-    def linear_value_and_grad(self, lin: torch.Tensor, off: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def linear_value_and_grad(self, lin: torch.Tensor, off: torch.Tensor, with_grad: bool = True
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Loss of the points mapped to moving voxel indices ``lin @ x + off`` and its gradient
         with respect to ``lin`` ``(dim, dim)`` and ``off`` ``(dim,)``, in one pass without an
         autograd graph: linear interpolation gives the values and their index gradients
         together (:class:`PointInterpolator`), the metric its gradient in closed form where it
         has one (:meth:`Metric.value_and_grad`), and the chain rule ends in two small products.
+        Without ``with_grad``, the loss alone (the gradients are ``None``).
         """
         if self._sampler is None:
             self._sampler = PointInterpolator(self.moving.tensor, self.rows.dtype)
             self._mask_sampler = (None if self.moving_mask is None else
                                   PointInterpolator(self.moving_mask.to(self.rows.dtype)))
         index = torch.addmm(off.to(self.rows.dtype)[:, None], lin.to(self.rows.dtype), self.rows)
-        values, grad = self._sampler.linear(index)  # (C, n), (dim, C, n)
+        values, grad = self._sampler.linear(index, with_grad)  # (C, n), (dim, C, n)
         inside = (index >= self._index_lo) & (index <= self._index_hi)  # (dim, n)
         weight = inside.all(0).to(values.dtype)
         if self.moving_mask is not None:
@@ -239,8 +243,12 @@ class LevelObjective:
         if weight is None:  # no overlap: a huge but finite loss with a zero gradient
             return (torch.tensor(NO_OVERLAP_LOSS, dtype=values.dtype), torch.zeros_like(lin),
                     torch.zeros_like(off))
-        loss, g_values = self.metric.value_and_grad(self.values[None],
-                                                    values.reshape(1, -1, *shape), weight,
+        warped = values.reshape(1, -1, *shape)
+        if not with_grad:
+            with torch.no_grad():
+                return self.metric(self.values[None], warped, weight, **self.ranges, **extra), \
+                    None, None
+        loss, g_values = self.metric.value_and_grad(self.values[None], warped, weight,
                                                     **self.ranges, **extra)
         g_lin, g_off = index_map_gradient(grad, g_values.reshape(values.shape), self.rows)
         return loss, g_lin.to(lin.dtype), g_off.to(off.dtype)
