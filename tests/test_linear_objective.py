@@ -5,16 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medreg import Affine, Image
+from medreg import Affine, Image, Similarity
 from medreg.metrics import get_metric
 from medreg.registration.objective import LevelObjective
 from medreg.transforms.base import Compose
 from tests.conftest import blob_image, oblique_grid
 
 
+def _transform(kind: str, grid):
+    kw = dict(center=grid.center(), radius=20.0)
+    if kind == "affine":  # affine in its parameters: the constant-Jacobian path
+        return Affine(3, [[1.05, 0.02, 0.0], [0.0, 0.97, 0.03], [0.01, 0.0, 1.0]],
+                      [1.5, -2.0, 0.5], **kw)
+    return Similarity(3, rotation=[0.05, -0.03, 0.08], translation=[1.5, -2.0, 0.5], scale=1.04,
+                      **kw)  # not affine in them: autograd from the index map on
+
+
 @pytest.mark.parametrize("metric", ["mi", "ncc", "mse"])
 @pytest.mark.parametrize("samples", [700, None])
-def test_fast_path_matches_grid_sample_path(metric, samples):
+@pytest.mark.parametrize("kind", ["affine", "similarity"])
+def test_fast_path_matches_grid_sample_path(metric, samples, kind):
     grid = oblique_grid((14, 12, 10))
     moving_grid = oblique_grid((13, 12, 11), angle_deg=25.0)
     fixed, moving = blob_image(grid, seed=0).to(torch.float64), blob_image(moving_grid, seed=1)
@@ -24,8 +34,7 @@ def test_fast_path_matches_grid_sample_path(metric, samples):
     kw = dict(samples=samples, moving_mask=mask, dtype=torch.float64, seed=3, off_grid=True)
     obj = LevelObjective(fixed, moving, get_metric(metric, bins=16) if metric == "mi"
                          else get_metric(metric), **kw)
-    t = Affine(3, [[1.05, 0.02, 0.0], [0.0, 0.97, 0.03], [0.01, 0.0, 1.0]], [1.5, -2.0, 0.5],
-               center=grid.center(), radius=20.0)
+    t = _transform(kind, grid)
     fast = obj(t)
     (g_fast,) = torch.autograd.grad(fast, t.params)
     slow = obj(Compose(t))  # a linear transform that is not a LinearTransform: grid_sample
